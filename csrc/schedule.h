@@ -1,0 +1,90 @@
+// The split-KV work schedule, shared by the CPU and CUDA paths.
+//
+// Each sequence's live tokens are cut into scheduling blocks of kSchedBlockN tokens. The work of a
+// sequence costs (its blocks + kFixedCostBlocks), the fixed part standing for loading q and writing
+// the result. The schedule hands out `num_sm_parts` contiguous runs of that work, in batch order,
+// about equal in cost, so every worker (a CUDA block or a CPU task) reads about as many KV bytes.
+//
+// Metadata layout (int32):
+//   tile_scheduler_metadata[part] = {begin_batch, begin_token, end_batch, end_token, begin_split, 0, 0, 0}
+//     worker `part` handles sequences begin_batch..end_batch (inclusive); in sequence i it attends
+//     over tokens [i == begin_batch ? begin_token : 0, i == end_batch ? end_token : seqlen_i).
+//     Its piece of sequence begin_batch is split number begin_split of that sequence; its pieces of
+//     later sequences are split 0. A worker with end_batch < begin_batch has nothing to do.
+//   num_splits[i + 1] - num_splits[i] = number of pieces sequence i was cut into (>= 1), and
+//   num_splits[i] + split is the row of the partial-result buffers that piece writes. A sequence
+//   cut into one piece is written straight to the output; others are merged by LSE afterwards.
+// Invariants: every sequence, empty ones included, is covered exactly once; num_splits[batch] <=
+// batch + num_sm_parts - 1.
+#pragma once
+
+#if defined(__CUDACC__)
+#define FLASHMLA_HOST_DEVICE __host__ __device__
+#else
+#define FLASHMLA_HOST_DEVICE
+#endif
+
+namespace flashmla {
+
+constexpr int kSchedBlockN = 64;      // tokens per scheduling block
+constexpr int kFixedCostBlocks = 5;   // fixed cost of one (sequence, worker) piece, in blocks
+constexpr int kMetadataWidth = 8;     // int32 fields per worker in tile_scheduler_metadata
+constexpr int kRowsPerWorkerTile = 64;  // query rows (s_q * heads per KV head) one CUDA worker holds
+
+struct WorkerRange {
+  int begin_batch, begin_token, end_batch, end_token, begin_split;
+};
+
+FLASHMLA_HOST_DEVICE inline int sched_blocks(int seqlen) {
+  return seqlen > 0 ? (seqlen + kSchedBlockN - 1) / kSchedBlockN : 0;
+}
+
+// Fills metadata (num_sm_parts x kMetadataWidth) and num_splits (batch + 1) from the lengths.
+// Runs sequentially: on the host for CPU tensors, in one CUDA thread for device tensors.
+FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, int num_sm_parts,
+                                                int* metadata, int* num_splits) {
+  long long total_cost = 0;
+  for (int i = 0; i < batch; ++i) total_cost += sched_blocks(seqlens[i]) + kFixedCostBlocks;
+  const long long payload = (total_cost + num_sm_parts - 1) / num_sm_parts + kFixedCostBlocks;
+
+  int cur_batch = 0, cur_block = 0, cur_split = 0, cum_splits = 0;
+  num_splits[0] = 0;
+  for (int part = 0; part < num_sm_parts; ++part) {
+    int* md = metadata + part * kMetadataWidth;
+    md[0] = cur_batch;
+    md[1] = cur_block * kSchedBlockN;
+    md[4] = cur_split;
+    md[5] = md[6] = md[7] = 0;
+    const bool last_part = part == num_sm_parts - 1;
+    long long budget = payload;
+    while (cur_batch < batch) {
+      const int remaining = sched_blocks(seqlens[cur_batch]) - cur_block;
+      if (last_part || budget >= remaining + kFixedCostBlocks) {
+        // The rest of this sequence fits: finish it here.
+        cum_splits += cur_split + 1;
+        num_splits[cur_batch + 1] = cum_splits;
+        budget -= remaining + kFixedCostBlocks;
+        ++cur_batch;
+        cur_block = 0;
+        cur_split = 0;
+      } else {
+        // Take what the budget allows and leave the rest to the next worker.
+        const long long take = budget - kFixedCostBlocks;
+        if (take > 0) {
+          cur_block += static_cast<int>(take);
+          ++cur_split;
+        }
+        break;
+      }
+    }
+    if (cur_block > 0) {  // stopped inside sequence cur_batch
+      md[2] = cur_batch;
+      md[3] = cur_block * kSchedBlockN;
+    } else {  // stopped at a sequence boundary
+      md[2] = cur_batch - 1;
+      md[3] = cur_batch > 0 ? (seqlens[cur_batch - 1] > 0 ? seqlens[cur_batch - 1] : 0) : 0;
+    }
+  }
+}
+
+}  // namespace flashmla
