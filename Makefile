@@ -2,7 +2,7 @@
 # and `make test` (install, build, run the tests). Everything installs into .venv.
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
+PY := PYTHONPATH=$(CURDIR) $(VENV)/bin/python
 # torch 2.14.1 is a CUDA build: the CUDA kernels compile (nvcc permitting) even without a GPU.
 TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 build: install
-	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --quiet --no-build-isolation -e .
+	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import flashmla_ops, json; print(json.dumps(flashmla_ops.build_info()))"
 
 test: build

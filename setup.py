@@ -60,7 +60,7 @@ def make_extension():
 
     sources = [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # torch picks the C++ standard it needs (C++20 from 2.14)
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     if not want_cuda():
         print("flashmla_ops: building CPU kernels only", flush=True)
@@ -81,7 +81,7 @@ def make_extension():
     if with_sm90:
         define_macros.append(("FLASHMLA_WITH_SM90", None))
     includes = extra_host_includes()
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                   "-Xptxas=-warn-spills"]
     nvcc_flags += cuda_gencode_flags(archs)
     nvcc_flags += [f"-I{p}" for p in includes]
