@@ -1,0 +1,65 @@
+// Merges the partial results of sequences cut into several pieces, by their LSE:
+//   lse = log sum_k exp(lse_k),  out = sum_k exp(lse_k - lse) out_k.
+// Rows where every piece saw nothing (all lse_k = -inf) get out = 0, lse = +inf.
+// One warp per (sequence, KV head, query row); sequences of one piece were written by the decode
+// kernel directly and are skipped.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "combine.h"
+
+namespace flashmla {
+namespace {
+
+constexpr int kRowsPerBlock = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const DecodeParams p) {
+  const int b = blockIdx.z, hk = blockIdx.y;
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.rows_per_head_k) return;
+  // Clamped so that metadata built for other lengths can never index outside the buffers.
+  const int first = min(max(p.num_splits[b], 0), p.partial_rows);
+  const int count = min(p.num_splits[b + 1] - p.num_splits[b], p.partial_rows - first);
+  if (count <= 1) return;
+  auto lse_of = [&](int k) {
+    return p.partial_lse[(int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row];
+  };
+  float max_lse = -INFINITY;
+  for (int k = lane; k < count; k += 32) max_lse = fmaxf(max_lse, lse_of(k));
+  for (int off = 16; off > 0; off /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffff, max_lse, off));
+  float sum = 0.f;
+  if (max_lse != -INFINITY) {
+    for (int k = lane; k < count; k += 32) sum += expf(lse_of(k) - max_lse);
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffff, sum, off);
+  }
+  const int g = p.num_heads_per_head_k;
+  const int qi = row / g, head = hk * g + row % g;
+  T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * p.head_dim_v;
+  if (max_lse == -INFINITY) {
+    for (int c = lane; c < p.head_dim_v; c += 32) dst[c] = T(0.f);
+    if (lane == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = INFINITY;
+    return;
+  }
+  const float inv_sum = 1.f / sum;
+  for (int c = lane; c < p.head_dim_v; c += 32) {
+    float acc = 0.f;
+    for (int k = 0; k < count; ++k) {
+      const float w = expf(lse_of(k) - max_lse) * inv_sum;
+      acc += w * p.partial_out[((int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v + c];
+    }
+    dst[c] = T(acc);
+  }
+  if (lane == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = max_lse + logf(sum);
+}
+
+}  // namespace
+
+void launch_combine(const DecodeParams& p, bool is_bf16, cudaStream_t stream) {
+  const dim3 grid((p.rows_per_head_k + kRowsPerBlock - 1) / kRowsPerBlock, p.num_heads_k, p.batch);
+  if (is_bf16) combine_kernel<__nv_bfloat16><<<grid, kRowsPerBlock * 32, 0, stream>>>(p);
+  else combine_kernel<__half><<<grid, kRowsPerBlock * 32, 0, stream>>>(p);
+}
+
+}  // namespace flashmla

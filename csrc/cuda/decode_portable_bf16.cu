@@ -1,0 +1,8 @@
+#include "decode_portable_launch.cuh"
+#include "decode_launchers.h"
+
+namespace flashmla {
+void launch_portable_decode_bf16(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
+  portable::launch_decode<__nv_bfloat16>(p, smem_limit, stream);
+}
+}  // namespace flashmla

@@ -1,0 +1,145 @@
+// CUDA implementations of the flashmla operators: metadata on the device, decode + combine.
+// No host synchronisation anywhere, so a decode step can be captured in a CUDA graph.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <vector>
+
+#include "../mla_shapes.h"
+#include "../schedule.h"
+#include "combine.h"
+#include "decode_launchers.h"
+
+namespace flashmla {
+namespace {
+
+// Device properties are read once per device.
+struct DeviceFacts {
+  int sm_count;
+  int smem_optin;  // largest dynamic shared memory a block may ask for
+};
+
+const DeviceFacts& device_facts(int device) {
+  static std::mutex mu;
+  static std::vector<std::unique_ptr<DeviceFacts>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= int(cache.size())) cache.resize(device + 1);
+  if (!cache[device]) {
+    DeviceFacts f{};
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cache[device] = std::make_unique<DeviceFacts>(f);
+  }
+  return *cache[device];
+}
+
+// Must equal flashmla_ops/fake.py num_sm_parts (tests/test_shapes.py checks).
+int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_heads_k) {
+  const int64_t tiles = num_heads_k * ((num_heads_per_head_k + kRowsPerWorkerTile - 1) / kRowsPerWorkerTile);
+  return std::max<int64_t>(1, device_facts(device).sm_count / tiles);
+}
+
+__global__ void build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, int* metadata,
+                                      int* num_splits) {
+  build_schedule(seqlens, batch, num_sm_parts, metadata, num_splits);
+}
+
+std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens,
+                                                         int64_t num_heads_per_head_k, int64_t num_heads_k) {
+  check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k);
+  const c10::cuda::CUDAGuard guard(cache_seqlens.device());
+  const int64_t batch = cache_seqlens.size(0);
+  const int64_t parts = cuda_num_sm_parts(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k);
+  auto lens = cache_seqlens.contiguous();
+  auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
+  auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
+  build_schedule_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(
+      lens.data_ptr<int>(), int(batch), int(parts), metadata.data_ptr<int>(), num_splits.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {metadata, num_splits};
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                                        const std::optional<at::Tensor>& v_cache,
+                                                        int64_t head_dim_v, const at::Tensor& cache_seqlens,
+                                                        const at::Tensor& block_table, double softmax_scale,
+                                                        bool causal, const at::Tensor& tile_scheduler_metadata,
+                                                        const at::Tensor& num_splits) {
+  const MlaShapes s = check_fwd_args(q, k_cache, v_cache, head_dim_v, cache_seqlens, block_table, softmax_scale,
+                                     tile_scheduler_metadata, num_splits);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "flash_mla_with_kvcache: on CUDA q must be bfloat16 or float16, got ", q.scalar_type(),
+              " (float32 runs on CPU only)");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto [out, lse] = empty_fwd_outputs(q, s);
+  auto lens = cache_seqlens.contiguous();
+  auto table = block_table.stride(1) == 1 ? block_table : block_table.contiguous();
+  auto md = tile_scheduler_metadata.contiguous();
+  auto splits = num_splits.contiguous();
+  // Partial results: at most batch + num_sm_parts - 1 pieces (csrc/schedule.h invariant).
+  const int64_t partial_rows = s.batch + s.num_sm_parts;
+  auto partial_out = at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k, s.head_dim_v},
+                               q.options().dtype(at::kFloat));
+  auto partial_lse = at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k}, q.options().dtype(at::kFloat));
+
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.block_table = table.data_ptr<int>();
+  p.seqlens = lens.data_ptr<int>();
+  p.metadata = md.data_ptr<int>();
+  p.num_splits = splits.data_ptr<int>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.partial_out = partial_out.data_ptr<float>();
+  p.partial_lse = partial_lse.data_ptr<float>();
+  p.batch = s.batch;
+  p.seqlen_q = s.seqlen_q;
+  p.num_heads_q = s.num_heads_q;
+  p.num_heads_k = s.num_heads_k;
+  p.head_dim = s.head_dim;
+  p.head_dim_v = s.head_dim_v;
+  p.head_dim_padded = (s.head_dim + 31) / 32 * 32;
+  p.page_block_size = s.page_block_size;
+  p.max_blocks_per_seq = s.max_blocks_per_seq;
+  p.num_blocks = s.num_blocks;
+  p.num_heads_per_head_k = s.num_heads_per_head_k;
+  p.rows_per_head_k = s.rows_per_head_k;
+  p.num_sm_parts = s.num_sm_parts;
+  p.partial_rows = partial_rows;
+  p.q_stride_b = q.stride(0);
+  p.q_stride_s = q.stride(1);
+  p.q_stride_h = q.stride(2);
+  p.k_stride_block = k_cache.stride(0);
+  p.k_stride_token = k_cache.stride(1);
+  p.k_stride_head = k_cache.stride(2);
+  p.block_table_stride = table.stride(0);
+  p.scale_log2 = float(softmax_scale * M_LOG2E);
+  p.causal = causal;
+  p.vec16 = s.head_dim % 8 == 0 && aligned16(p.q) && aligned16(p.k_cache) && q.stride(0) % 8 == 0 &&
+            q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && k_cache.stride(0) % 8 == 0 &&
+            k_cache.stride(1) % 8 == 0 && k_cache.stride(2) % 8 == 0;
+  TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
+              "flash_mla_with_kvcache: k_cache is too large");
+
+  const bool is_bf16 = q.scalar_type() == at::kBFloat16;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int smem_limit = device_facts(q.get_device()).smem_optin;
+  if (is_bf16) launch_portable_decode_bf16(p, smem_limit, stream);
+  else launch_portable_decode_fp16(p, smem_limit, stream);
+  launch_combine(p, is_bf16, stream);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flashmla, CUDA, m) {
+  m.impl("get_mla_metadata", &get_mla_metadata_cuda);
+  m.impl("fwd_kvcache_mla", &fwd_kvcache_mla_cuda);
+}
+
+}  // namespace flashmla
