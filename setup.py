@@ -61,7 +61,7 @@ def make_extension():
     sources = [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
     cxx_flags = ["-O3"]  # torch picks the C++ standard it needs (C++20 from 2.14)
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []  # torch defines Py_LIMITED_API itself for py_limited_api builds
     if not want_cuda():
         print("flashmla_ops: building CPU kernels only", flush=True)
         return cpp_extension.CppExtension(

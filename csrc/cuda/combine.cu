@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include "combine.h"
+#include "dtype.cuh"
 
 namespace flashmla {
 namespace {
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
   const int qi = row / g, head = hk * g + row % g;
   T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * p.head_dim_v;
   if (max_lse == -INFINITY) {
-    for (int c = lane; c < p.head_dim_v; c += 32) dst[c] = T(0.f);
+    for (int c = lane; c < p.head_dim_v; c += 32) dst[c] = Dtype<T>::from_float(0.f);
     if (lane == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = INFINITY;
     return;
   }
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
       const float w = expf(lse_of(k) - max_lse) * inv_sum;
       acc += w * p.partial_out[((int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v + c];
     }
-    dst[c] = T(acc);
+    dst[c] = Dtype<T>::from_float(acc);
   }
   if (lane == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = max_lse + logf(sum);
 }

@@ -20,6 +20,7 @@
 
 #include "../schedule.h"
 #include "decode_params.h"
+#include "dtype.cuh"
 
 namespace flashmla {
 namespace portable {
@@ -29,16 +30,6 @@ constexpr int kColsPerWarp = 128;
 constexpr int kColsPerBlock = kWarpsN * kColsPerWarp;  // 512
 constexpr int kSmemPad = 8;                            // elements added to each shared row (16 bytes)
 constexpr float kLn2 = 0.6931471805599453f;
-
-template <typename T> struct Pair;
-template <> struct Pair<__nv_bfloat16> {
-  using type = __nv_bfloat162;
-  static __device__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
-};
-template <> struct Pair<__half> {
-  using type = __half2;
-  static __device__ type make(float a, float b) { return __floats2half2_rn(a, b); }
-};
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -110,7 +101,7 @@ __device__ __forceinline__ void load_rows(T* dst, int rows, int row_elems, const
       }
     } else {  // unaligned rows or head_dim % 8 != 0: element copies
       for (int c = tid % kThreadsPerRow; c < p.head_dim_padded; c += kThreadsPerRow) {
-        d[c] = (src != nullptr && c < p.head_dim) ? src[c] : T(0.f);
+        d[c] = (src != nullptr && c < p.head_dim) ? src[c] : Dtype<T>::from_float(0.f);
       }
     }
   }
@@ -124,7 +115,7 @@ __global__ void __launch_bounds__(MG * kWarpsN * 32, 1) mla_decode_portable_kern
   constexpr int kNT = kTokensPerWarp / 8;  // n8 tiles of S per warp
   static_assert(kTokensPerWarp % 8 == 0, "each warp needs whole n8 tiles of tokens");
   using L = SmemLayout<T, MG, N>;
-  using P2 = Pair<T>;
+  using DT = Dtype<T>;
 
   extern __shared__ __align__(128) unsigned char smem[];
   const int row_elems = L::row_elems(p.head_dim_padded);
@@ -269,7 +260,7 @@ __global__ void __launch_bounds__(MG * kWarpsN * 32, 1) mla_decode_portable_kern
           row_sum[h] += p0 + p1;
           const int r = mg * 16 + lane / 4 + 8 * h;
           const int c = wn * kTokensPerWarp + j * 8 + (lane % 4) * 2;
-          *reinterpret_cast<typename P2::type*>(sP + r * (N + kSmemPad) + c) = P2::make(p0, p1);
+          *reinterpret_cast<typename DT::pair*>(sP + r * (N + kSmemPad) + c) = DT::make_pair(p0, p1);
         }
       }
 #pragma unroll
@@ -329,10 +320,10 @@ __global__ void __launch_bounds__(MG * kWarpsN * 32, 1) mla_decode_portable_kern
         for (int i = 0; i < kColsPerWarp / 8; ++i) {
           const int c = col0 + i * 8;
           if (c + 1 < p.head_dim_v && (p.head_dim_v % 2) == 0) {
-            *reinterpret_cast<typename P2::type*>(dst + c) = P2::make(o[i][2 * h] * inv, o[i][2 * h + 1] * inv);
+            *reinterpret_cast<typename DT::pair*>(dst + c) = DT::make_pair(o[i][2 * h] * inv, o[i][2 * h + 1] * inv);
           } else {
-            if (c < p.head_dim_v) dst[c] = T(o[i][2 * h] * inv);
-            if (c + 1 < p.head_dim_v) dst[c + 1] = T(o[i][2 * h + 1] * inv);
+            if (c < p.head_dim_v) dst[c] = DT::from_float(o[i][2 * h] * inv);
+            if (c + 1 < p.head_dim_v) dst[c + 1] = DT::from_float(o[i][2 * h + 1] * inv);
           }
         }
         if (wn == 0 && blockIdx.z == 0 && lane % 4 == 0)
