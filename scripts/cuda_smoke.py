@@ -4,6 +4,7 @@ python scripts/cuda_smoke.py          correctness on odd + DeepSeek shapes, then
 python scripts/cuda_smoke.py --small  small shapes only (for compute-sanitizer)
 """
 
+import os
 import sys
 
 import torch
@@ -38,6 +39,15 @@ def make_inputs(b, s_q, h_q, h_k, d, page, max_len, dtype, fixed=False, seed=0):
 
 
 def check(b, s_q, h_q, h_k, d, dv, page, max_len, causal, dtype=torch.bfloat16):
+    ok = True
+    for kernel in ("portable", "auto"):
+        os.environ["FLASHMLA_KERNEL"] = kernel
+        ok &= check_one(b, s_q, h_q, h_k, d, dv, page, max_len, causal, dtype)
+    os.environ["FLASHMLA_KERNEL"] = "auto"
+    return ok
+
+
+def check_one(b, s_q, h_q, h_k, d, dv, page, max_len, causal, dtype):
     q, k, table, lens = make_inputs(b, s_q, h_q, h_k, d, page, max_len, dtype)
     dev = "cuda"
     md, ns = flashmla_ops.get_mla_metadata(lens.to(dev), s_q * h_q // h_k, h_k)
@@ -51,7 +61,7 @@ def check(b, s_q, h_q, h_k, d, dv, page, max_len, causal, dtype=torch.bfloat16):
     same_inf = torch.equal(torch.isinf(lse_c), torch.isinf(ref_lse))
     lse_err = (lse_c - ref_lse).nan_to_num(0, 0, 0).abs().max().item()
     ok = torch.isfinite(out).all().item() and same_inf and err <= 2 * base + 1e-4 and lse_err < 1e-2
-    print(f"{'OK ' if ok else 'BAD'} b={b} s_q={s_q} h_q={h_q} h_k={h_k} d={d} dv={dv} page={page} len<={max_len} "
+    print(f"{'OK ' if ok else 'BAD'} [{os.environ['FLASHMLA_KERNEL']:8s}] b={b} s_q={s_q} h_q={h_q} h_k={h_k} d={d} dv={dv} page={page} len<={max_len} "
           f"causal={causal} {dtype}: err {err:.2e} (same-precision torch {base:.2e}) lse err {lse_err:.1e} "
           f"parts={md.shape[0]}")
     return ok
@@ -94,7 +104,7 @@ def bench(b, s_q, h_q, s_k, varlen=False, dtype=torch.bfloat16, d=576, dv=512, p
     total = sum(lens)
     flops = 2 * s_q * total * h_q * (d + dv)
     nbytes = 2 * (total * d + b * s_q * h_q * (d + dv))
-    print(f"b={b} s_q={s_q} h_q={h_q} s_k={s_k} varlen={varlen}: {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s  "
+    print(f"[{os.environ.get('FLASHMLA_KERNEL', 'auto'):8s}] b={b} s_q={s_q} h_q={h_q} s_k={s_k} varlen={varlen}: {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s  "
           f"{nbytes / us / 1e3:6.0f} GB/s")
 
 
@@ -113,9 +123,13 @@ def main():
         ok &= check(2, 3, 128, 1, 576, 512, 64, 700, True)
         ok &= check(3, 1, 20, 4, 1000, 700, 32, 300, True)
         ok &= check(2, 1, 4, 1, 40, 1, 7, 50, False)
-        for h_q, s_q in ((16, 1), (32, 2), (64, 2), (128, 1), (128, 2)):
-            bench(128, s_q, h_q, 4096)
-        bench(128, 1, 64, 8192, varlen=True)
+        ok &= check(4, 2, 128, 1, 512, 512, 64, 1000, True)
+        ok &= check(3, 1, 16, 1, 576, 512, 16, 500, False, torch.float16)
+        for kernel in ("portable", "auto"):
+            os.environ["FLASHMLA_KERNEL"] = kernel
+            for h_q, s_q in ((16, 1), (32, 1), (64, 1), (32, 2), (64, 2), (128, 1), (128, 2)):
+                bench(128, s_q, h_q, 4096)
+            bench(128, 1, 64, 8192, varlen=True)
     print("ALL OK" if ok else "SOME CHECKS FAILED")
     sys.exit(0 if ok else 1)
 

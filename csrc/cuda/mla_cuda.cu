@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -18,6 +20,7 @@ namespace {
 // Device properties are read once per device.
 struct DeviceFacts {
   int sm_count;
+  int cc_major, cc_minor;
   int smem_optin;  // largest dynamic shared memory a block may ask for
 };
 
@@ -30,6 +33,8 @@ const DeviceFacts& device_facts(int device) {
     DeviceFacts f{};
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.cc_major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.cc_minor, cudaDevAttrComputeCapabilityMinor, device));
     cache[device] = std::make_unique<DeviceFacts>(f);
   }
   return *cache[device];
@@ -59,6 +64,29 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
       lens.data_ptr<int>(), int(batch), int(parts), metadata.data_ptr<int>(), num_splits.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {metadata, num_splits};
+}
+
+// Which decode kernel runs: FLASHMLA_KERNEL=auto (default: Hopper kernel where it applies, else
+// portable), portable, or sm90 (error where the Hopper kernel does not apply). Read per call so
+// tests can run both paths on the same inputs.
+enum class KernelChoice { kAuto, kPortable, kSm90 };
+
+KernelChoice kernel_choice() {
+  const char* v = std::getenv("FLASHMLA_KERNEL");
+  if (v == nullptr || std::strcmp(v, "auto") == 0 || v[0] == 0) return KernelChoice::kAuto;
+  if (std::strcmp(v, "portable") == 0) return KernelChoice::kPortable;
+  if (std::strcmp(v, "sm90") == 0) return KernelChoice::kSm90;
+  TORCH_CHECK(false, "FLASHMLA_KERNEL must be auto, portable or sm90, got '", v, "'");
+}
+
+// Launches the Hopper kernel if this build has it, the device is sm_90 and the shapes fit.
+bool try_launch_sm90(const DecodeParams& p, bool is_bf16, const DeviceFacts& dev, cudaStream_t stream) {
+#ifdef FLASHMLA_WITH_SM90
+  if (dev.cc_major != 9 || dev.cc_minor != 0) return false;
+  return is_bf16 ? launch_sm90_decode_bf16(p, stream) : launch_sm90_decode_fp16(p, stream);
+#else
+  return false;
+#endif
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -128,9 +156,17 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
 
   const bool is_bf16 = q.scalar_type() == at::kBFloat16;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int smem_limit = device_facts(q.get_device()).smem_optin;
-  if (is_bf16) launch_portable_decode_bf16(p, smem_limit, stream);
-  else launch_portable_decode_fp16(p, smem_limit, stream);
+  const DeviceFacts& dev = device_facts(q.get_device());
+  const KernelChoice choice = kernel_choice();
+  bool launched = false;
+  if (choice != KernelChoice::kPortable) launched = try_launch_sm90(p, is_bf16, dev, stream);
+  TORCH_CHECK(launched || choice != KernelChoice::kSm90,
+              "flash_mla_with_kvcache: FLASHMLA_KERNEL=sm90 but the Hopper kernel does not apply here (needs an "
+              "sm_90a build, an sm_90 GPU, head_dim 576 or 512, head_dim_v 512, 16-byte aligned rows)");
+  if (!launched) {
+    if (is_bf16) launch_portable_decode_bf16(p, dev.smem_optin, stream);
+    else launch_portable_decode_fp16(p, dev.smem_optin, stream);
+  }
   launch_combine(p, is_bf16, stream);
   return {out, lse};
 }

@@ -1,0 +1,362 @@
+// Hopper (sm_90a) MLA decode for the DeepSeek shapes: head_dim 576 (or 512), head_dim_v 512.
+//
+// One thread block = one worker of the schedule x one KV head x one tile of 64 query rows.
+// Two warpgroups (256 threads). Shared memory, all in the 128-byte-swizzled K-major layout that
+// wgmma reads (each 64-channel slice of a row is one 128-byte line; lines of 8 rows form a
+// 1024-byte swizzle atom; slice c of a 64-row matrix starts at c * 8 KiB):
+//   sQ   64 rows x D             query rows of this tile
+//   sK   2 stages x 64 tokens x D  double-buffered KV tile (cp.async, zero-filled where masked)
+//   sP   64 rows x 64 tokens     softmax numerators, bf16/fp16
+// Per tile of 64 tokens:
+//   warpgroup w:  S_w = Q K[32w : 32w+32]^T     (wgmma m64n32k16, 4 k-steps per 64 channels)
+//   row max over both halves via shared memory; P = 2^(S*scale*log2e - m) -> sP
+//   warpgroup w:  O[:, 256w : 256w+256] += P V[:, 256w : 256w+256]   (wgmma m64n256k16, V read
+//                 in place from sK as an MN-major operand: 64-channel atoms 8 KiB apart)
+// The online softmax bookkeeping is the portable kernel's (decode_portable.cuh).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../schedule.h"
+#include "decode_params.h"
+#include "dtype.cuh"
+
+namespace flashmla {
+namespace sm90 {
+
+constexpr int kRows = 64;      // query rows per block (wgmma M)
+constexpr int kTokens = 64;    // tokens per tile
+constexpr int kDimV = 512;     // output channels
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kSliceBytes = 64 * 128;  // one 64-channel slice of a 64-row matrix
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D>
+struct Smem {
+  static constexpr int kSlices = D / 64;
+  static constexpr int q_bytes = kSlices * kSliceBytes;
+  static constexpr int k_stage_bytes = kSlices * kSliceBytes;
+  static constexpr int p_bytes = kSliceBytes;
+  static constexpr int stats_bytes = 2 * kRows * sizeof(float);
+  static constexpr int valid_bytes = 2 * kTokens;
+  static constexpr int total = q_bytes + 2 * k_stage_bytes + p_bytes + stats_bytes + valid_bytes + 1024;  // +align
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` inside a swizzled slice.
+__device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 + ((chunk ^ (row % 8)) * 16); }
+
+// wgmma shared-memory descriptor, 128-byte swizzle. Offsets in bytes.
+__device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lead_bytes, uint32_t stride_bytes) {
+  uint64_t desc = 0;
+  desc |= uint64_t((smem_addr & 0x3FFFF) >> 4);
+  desc |= uint64_t((lead_bytes >> 4) & 0x3FFF) << 16;
+  desc |= uint64_t((stride_bytes >> 4) & 0x3FFF) << 32;
+  desc |= uint64_t(1) << 62;  // 128B swizzle
+  return desc;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// S (64 x 32, fp32) += A (64 x 16, K-major smem) * B (32 x 16, K-major smem)^T
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t da, uint64_t db) {
+#define FLASHMLA_WGMMA_N32(TY)                                                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                             \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "                             \
+               "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),      \
+                 "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
+                 "+f"(d[14]), "+f"(d[15])                                                               \
+               : "l"(da), "l"(db))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) FLASHMLA_WGMMA_N32("bf16");
+  else FLASHMLA_WGMMA_N32("f16");
+#undef FLASHMLA_WGMMA_N32
+}
+
+// O (64 x 256, fp32) += A (64 x 16, K-major smem) * B (16 x 256, MN-major smem)
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
+#define FLASHMLA_WGMMA_N256(TY)                                                                                   \
+  asm volatile(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                                  \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " "                                                \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"   \
+      "%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,"  \
+      "%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"  \
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104," \
+      "%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125," \
+      "%126,%127}, %128, %129, p, 1, 1, 0, 1;\n}\n"                                                               \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),           \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),     \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),   \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),   \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),   \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),   \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),   \
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),   \
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),   \
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),   \
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),   \
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),             \
+        "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),         \
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]),         \
+        "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]),         \
+        "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])                                                    \
+      : "l"(da), "l"(db))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) FLASHMLA_WGMMA_N256("bf16");
+  else FLASHMLA_WGMMA_N256("f16");
+#undef FLASHMLA_WGMMA_N256
+}
+
+// Copies 64 rows of D channels into a swizzled matrix; row r from src_of(r), nullptr = zeros.
+template <int D, typename T, typename SrcOf>
+__device__ __forceinline__ void load_swizzled(uint32_t dst, const DecodeParams& p, SrcOf src_of) {
+  constexpr int kChunks = D / 8;                   // 16-byte chunks per row
+  constexpr int kThreadsPerRow = 8;
+  constexpr int kRowsPerPass = kThreads / kThreadsPerRow;  // 32
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const int r = pass * kRowsPerPass + tid / kThreadsPerRow;
+    const T* src = src_of(r);
+#pragma unroll
+    for (int c = tid % kThreadsPerRow; c < kChunks; c += kThreadsPerRow) {
+      const uint32_t d = dst + (c / 8) * kSliceBytes + swizzled(r, c % 8);
+      cp_async_16(d, src != nullptr ? src + c * 8 : static_cast<const T*>(p.k_cache), src != nullptr ? 16 : 0);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const DecodeParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists only in the sm_90a pass of the build
+  using S = Smem<D>;
+  using DT = Dtype<T>;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // Swizzle atoms must sit on 1024-byte boundaries.
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sK = sQ + S::q_bytes;
+  unsigned char* sP = sK + 2 * S::k_stage_bytes;
+  float* sStats = reinterpret_cast<float*>(sP + S::p_bytes);  // [2 warpgroups][64 rows]
+  unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + S::stats_bytes;  // [2 stages][64]
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;            // warpgroup: token half for S, channel half for O
+  const int wtid = tid % 128;
+  const int lane = tid % 32;
+  const int row_lo = (wtid / 32) * 16 + lane / 4;  // this thread's accumulator rows: row_lo, row_lo + 8
+
+  const int part = blockIdx.x;
+  const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
+  const int hk = blockIdx.y / m_blocks;
+  const int row_base = (blockIdx.y % m_blocks) * kRows;
+  const int g = p.num_heads_per_head_k;
+  const int capacity = p.max_blocks_per_seq * p.page_block_size;
+  const int* md = p.metadata + part * kMetadataWidth;
+  const int begin_batch = max(md[0], 0), end_batch = min(md[2], p.batch - 1);
+
+  for (int b = begin_batch; b <= end_batch; ++b) {
+    const int seqlen = min(max(p.seqlens[b], 0), capacity);
+    const int t_begin = min(max(b == md[0] ? md[1] : 0, 0), seqlen);
+    const int t_end = max(min(b == md[2] ? md[3] : seqlen, seqlen), t_begin);
+    const int split_first = p.num_splits[b];
+    const bool whole = p.num_splits[b + 1] - split_first == 1;
+    const int split_row = min(max(split_first + (b == md[0] ? md[4] : 0), 0), p.partial_rows - 1);
+    const int* table = p.block_table + int64_t(b) * p.block_table_stride;
+    const int num_tiles = (t_end - t_begin + kTokens - 1) / kTokens;
+
+    if (num_tiles > 0) {
+      load_swizzled<D, T>(smem_u32(sQ), p, [&](int r) -> const T* {
+        const int row = row_base + r;
+        if (row >= p.rows_per_head_k) return nullptr;
+        return static_cast<const T*>(p.q) + b * p.q_stride_b + (row / g) * p.q_stride_s + (hk * g + row % g) * p.q_stride_h;
+      });
+    }
+    auto load_tile = [&](int t0, int stage) {
+      load_swizzled<D, T>(smem_u32(sK + stage * S::k_stage_bytes), p, [&](int j) -> const T* {
+        const int t = t0 + j;
+        const T* src = nullptr;
+        if (t < t_end) {
+          const int block = table[t / p.page_block_size];
+          if (block >= 0 && block < p.num_blocks)
+            src = static_cast<const T*>(p.k_cache) + block * p.k_stride_block +
+                  (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
+        }
+        if (tid % 8 == 0) sValid[stage * kTokens + j] = src != nullptr;
+        return src;
+      });
+      cp_async_commit();
+    };
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    int last_visible[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row_base + row_lo + 8 * h;
+      last_visible[h] = p.causal ? seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : seqlen - 1;
+    }
+
+    if (num_tiles > 0) load_tile(t_begin, 0);
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      const int stage = tile & 1;
+      const int t0 = t_begin + tile * kTokens;
+      if (tile + 1 < num_tiles) {
+        load_tile(t0 + kTokens, stage ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+      __syncthreads();
+      const uint32_t k_addr = smem_u32(sK + stage * S::k_stage_bytes);
+
+      // S = Q K^T for tokens [32 wg, 32 wg + 32).
+      float s[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) s[i] = 0.f;
+      wgmma_fence();
+#pragma unroll
+      for (int slice = 0; slice < S::kSlices; ++slice) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint64_t da = make_desc(smem_u32(sQ) + slice * kSliceBytes + kk * 32, 16, 1024);
+          const uint64_t db = make_desc(k_addr + slice * kSliceBytes + wg * 32 * 128 + kk * 32, 16, 1024);
+          wgmma_m64n32k16<T>(s, da, db);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+
+      // Mask and scale; token of s[4j + e] is 32 wg + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int jt = wg * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
+          const int h = e / 2;
+          const bool ok = sValid[stage * kTokens + jt] && t0 + jt <= last_visible[h];
+          s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
+          tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
+        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
+      }
+      if (lane % 4 == 0) {
+        sStats[wg * kRows + row_lo] = tile_max[0];
+        sStats[wg * kRows + row_lo + 8] = tile_max[1];
+      }
+      __syncthreads();
+      float rescale[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float m_new = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
+        const float base = m_new == -INFINITY ? 0.f : m_new;
+        rescale[h] = exp2f(row_max[h] - base);
+        row_max[h] = m_new;
+        row_sum[h] *= rescale[h];
+      }
+      // P -> sP (swizzled K-major 64 x 64), and this warpgroup's share of the row sums.
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
+          const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
+          row_sum[h] += p0 + p1;
+          const int r = row_lo + 8 * h;
+          const int t = wg * 32 + j * 8 + (lane % 4) * 2;
+          *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 128; i += 4) {
+        o[i] *= rescale[0];
+        o[i + 1] *= rescale[0];
+        o[i + 2] *= rescale[1];
+        o[i + 3] *= rescale[1];
+      }
+      fence_proxy_async();  // generic stores to sP -> wgmma reads
+      __syncthreads();
+      // O[:, 256 wg : 256 wg + 256] += P V
+      wgmma_fence();
+#pragma unroll
+      for (int kt = 0; kt < kTokens / 16; ++kt) {
+        const uint64_t da = make_desc(smem_u32(sP) + kt * 32, 16, 1024);
+        // V: channels 256 wg .. +256 = slices 4 wg .. 4 wg + 3 (8 KiB apart: the MN-major atom
+        // stride), tokens 16 kt .. +16 = two 8-row groups 1024 bytes apart.
+        const uint64_t db = make_desc(k_addr + (4 * wg) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
+        wgmma_m64n256k16<T>(o, da, db);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      __syncthreads();  // next iteration overwrites this stage, sP, sStats, sValid
+    }
+
+    // Row sums: add the two warpgroups' shares.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 1);
+      row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 2);
+    }
+    if (lane % 4 == 0) {
+      sStats[wg * kRows + row_lo] = row_sum[0];
+      sStats[wg * kRows + row_lo + 8] = row_sum[1];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row_lo + 8 * h;
+      const float total = sStats[r] + sStats[kRows + r];
+      const int row = row_base + r;
+      if (row >= p.rows_per_head_k) continue;
+      const bool empty = total == 0.f;
+      const float inv = empty ? 0.f : 1.f / total;
+      const float lse = empty ? (whole ? INFINITY : -INFINITY) : (row_max[h] + log2f(total)) * kLn2;
+      const int qi = row / g, head = hk * g + row % g;
+      // o[4 j + 2 h + {0,1}] holds channels 256 wg + 8 j + 2 (lane % 4) + {0,1}.
+      const int col0 = wg * 256 + (lane % 4) * 2;
+      if (whole) {
+        T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * kDimV + col0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          *reinterpret_cast<typename DT::pair*>(dst + 8 * j) = DT::make_pair(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+        if (wg == 0 && lane % 4 == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = lse;
+      } else {
+        const int64_t prow = (int64_t(split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
+        float* dst = p.partial_out + prow * kDimV + col0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+        if (wg == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
+      }
+    }
+    __syncthreads();  // sQ, sStats reused by the next sequence
+  }
+#endif
+}
+
+}  // namespace sm90
+}  // namespace flashmla
