@@ -69,10 +69,12 @@ def test_matches_reference(device, dtype, slot_dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_layouts(device, dtype):
-    """Non-contiguous cache (dims 0-2), inputs and slot mapping; odd widths that rule out vector copies."""
+    """Non-contiguous cache (dims 0-2), inputs and slot mapping. The widths and offsets take every CUDA copy
+    width: 16 bytes (512 + 64), 8 (12 + 4 in 2-byte types), 4 (6 + 2 in 2-byte types), single elements
+    (5 + 3, 8 + 1, channel strides, the cache row at an odd offset)."""
     torch.manual_seed(1)
     n, num_blocks, page = 11, 5, 8
-    for d_c, d_pe in ((D_C, D_PE), (5, 3), (8, 1)):
+    for d_c, d_pe in ((D_C, D_PE), (12, 4), (6, 2), (5, 3), (8, 1)):
         d = d_c + d_pe
         kv_c, k_pe, _, slots = make_inputs(n, num_blocks, page, d_c, d_pe, dtype, device)
         caches = {
@@ -134,7 +136,9 @@ def test_out_of_range_slot_raises_on_cpu_and_leaves_cache_unchanged():
 def test_out_of_range_slot_skipped_on_cuda(slot_dtype):
     """CUDA cannot raise without a host sync: out-of-range slots are skipped, nothing else is touched."""
     torch.manual_seed(2)
-    kv_c, k_pe, k_cache, slots = make_inputs(8, num_blocks=3, page=4, device="cuda", slot_dtype=slot_dtype)
+    kv_c, k_pe, k_cache, slots = make_inputs(
+        8, num_blocks=3, page=4, device="cuda", slot_dtype=slot_dtype, skip_every=8
+    )
     # A guard band around the cache: any write out of bounds shows up there.
     storage = torch.randn(5, 4, 1, D_C + D_PE, device="cuda")
     k_cache = storage[1:4]
