@@ -73,10 +73,42 @@ def _fwd_kvcache_mla_fake(q, k_cache, v_cache, head_dim_v, cache_seqlens, block_
     return out, lse
 
 
+def check_write_kvcache_args(kv_c, k_pe, k_cache, slot_mapping):
+    """The rules of csrc/write_kvcache_shapes.cpp check_write_kvcache_args, as torch._check."""
+    for t, name, rank, shape in ((kv_c, "kv_c", 2, "(num_tokens, d_c)"), (k_pe, "k_pe", 2, "(num_tokens, d_pe)"),
+                                 (k_cache, "k_cache", 4, "(num_blocks, page_block_size, 1, d_c + d_pe)"),
+                                 (slot_mapping, "slot_mapping", 1, "(num_tokens,)")):
+        torch._check(t.dim() == rank,
+                     lambda: f"write_kvcache: {name} must have {rank} dimensions {shape}, got shape {tuple(t.shape)}")
+    dtype = k_cache.dtype
+    torch._check(dtype in (torch.bfloat16, torch.float16, torch.float32),
+                 lambda: f"write_kvcache: k_cache must be bfloat16, float16 or float32, got {dtype}")
+    for t, name in ((kv_c, "kv_c"), (k_pe, "k_pe")):
+        torch._check(t.dtype == dtype,
+                     lambda: f"write_kvcache: {name} dtype ({t.dtype}) must equal k_cache dtype ({dtype})")
+    torch._check(slot_mapping.dtype in (torch.int64, torch.int32),
+                 lambda: f"write_kvcache: slot_mapping must be int64 or int32, got {slot_mapping.dtype}")
+    for t, name in ((kv_c, "kv_c"), (k_pe, "k_pe"), (slot_mapping, "slot_mapping")):
+        torch._check(t.device == k_cache.device,
+                     lambda: f"write_kvcache: {name} must be on {k_cache.device} (the device of k_cache), "
+                     f"got {t.device}")
+    n = kv_c.shape[0]
+    torch._check(k_pe.shape[0] == n,
+                 lambda: f"write_kvcache: k_pe.size(0) ({k_pe.shape[0]}) must equal kv_c.size(0) ({n})")
+    torch._check(slot_mapping.shape[0] == n,
+                 lambda: f"write_kvcache: slot_mapping.size(0) ({slot_mapping.shape[0]}) must equal "
+                 f"kv_c.size(0) ({n})")
+    torch._check(k_cache.shape[2] == 1,
+                 lambda: f"write_kvcache: k_cache.size(2) (num_heads_k) must be 1, got shape {tuple(k_cache.shape)}")
+    torch._check(k_cache.shape[3] == kv_c.shape[1] + k_pe.shape[1],
+                 lambda: f"write_kvcache: k_cache.size(3) ({k_cache.shape[3]}) must equal kv_c.size(1) + "
+                 f"k_pe.size(1) ({kv_c.shape[1]} + {k_pe.shape[1]})")
+    torch._check(k_cache.stride(3) == 1,
+                 lambda: f"write_kvcache: k_cache must have stride 1 in its last dimension, got {k_cache.stride(3)}")
+
+
 @torch.library.register_fake("flashmla::write_kvcache")
 def _write_kvcache_fake(kv_c, k_pe, k_cache, slot_mapping):
-    torch._check(kv_c.dim() == 2 and k_pe.dim() == 2, lambda: "write_kvcache: kv_c and k_pe must be 2-D")
-    torch._check(k_cache.dim() == 4, lambda: "write_kvcache: k_cache must be 4-D")
-    torch._check(kv_c.shape[1] + k_pe.shape[1] == k_cache.shape[3],
-                 lambda: "write_kvcache: kv_c.size(1) + k_pe.size(1) must equal k_cache.size(3)")
+    # Slot values (range, -1) are the kernels' business: a fake never reads values.
+    check_write_kvcache_args(kv_c, k_pe, k_cache, slot_mapping)
     return None

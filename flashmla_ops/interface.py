@@ -87,10 +87,23 @@ def write_kvcache(kv_c: torch.Tensor, k_pe: torch.Tensor, k_cache: torch.Tensor,
     """Writes new tokens' latent vectors into the paged cache, in place.
 
     Args:
-        kv_c: (n, d_c) compressed latent vectors (512 for DeepSeek), dtype of k_cache.
-        k_pe: (n, d_pe) rope part (64 for DeepSeek), dtype of k_cache.
-        k_cache: (num_blocks, page_block_size, 1, d_c + d_pe), updated in place: token i is written
-            whole, kv_c then k_pe, at flat slot ``slot_mapping[i] = block * page_block_size + offset``.
-        slot_mapping: (n,) int64 (int32 accepted); -1 skips the token.
+        kv_c: (n, d_c) compressed latent vectors (512 for DeepSeek), dtype of k_cache. Any strides.
+        k_pe: (n, d_pe) rope part (64 for DeepSeek), dtype of k_cache. Any strides.
+        k_cache: (num_blocks, page_block_size, 1, d_c + d_pe), bfloat16, float16 or float32, stride 1 in
+            its last dim (dims 0-2 may be strided). Updated in place: token i is written whole, kv_c[i] then
+            k_pe[i], at flat slot ``slot_mapping[i] = block * page_block_size + offset``, i.e. into
+            ``k_cache[block, offset, 0]``; nothing else changes.
+        slot_mapping: (n,) int64 (int32 accepted); -1 skips the token (padding).
+
+    Slots outside ``[-1, num_blocks * page_block_size)``: on CPU every slot is checked first and such a
+    slot raises an error, leaving k_cache unchanged. On CUDA they cannot be checked without a host sync,
+    so they are skipped on the device: the token is not written and nothing outside k_cache is touched.
+    Two tokens with the same slot leave that slot's contents unspecified.
+
+    Runs on the current CUDA stream without host synchronisation, so it can be captured in a CUDA graph.
+    Under torch.compile, torch.export and AOTInductor the caller's k_cache is written in place (the op
+    declares ``Tensor(a!) k_cache``). With ``mode="reduce-overhead"``, mark the cache static
+    (``torch._dynamo.mark_static_address``): CUDA-graph trees capture a step that mutates an input only
+    when that input lives at a fixed address, and the replays then write into the caller's cache.
     """
     torch.ops.flashmla.write_kvcache.default(kv_c, k_pe, k_cache, slot_mapping)
