@@ -1,20 +1,25 @@
 // Hopper (sm_90a) MLA decode for the DeepSeek shapes: head_dim 576 (or 512), head_dim_v 512.
 //
 // One thread block = one worker of the schedule x one KV head x one tile of 64 query rows.
-// Two warpgroups (256 threads). Shared memory, all in the 128-byte-swizzled K-major layout that
-// wgmma reads (each 64-channel slice of a row is one 128-byte line; lines of 8 rows form a
-// 1024-byte swizzle atom; slice c of a 64-row matrix starts at c * 8 KiB):
-//   sQ   64 rows x D             query rows of this tile
-//   sK   2 stages x 64 tokens x D  double-buffered KV tile (cp.async, zero-filled where masked)
-//   sP   64 rows x 64 tokens     softmax numerators, bf16/fp16
-// Per tile of 64 tokens:
-//   warpgroup w:  S_w = Q K[32w : 32w+32]^T     (wgmma m64n32k16, 4 k-steps per 64 channels)
-//   row max over both halves via shared memory; P = 2^(S*scale*log2e - m) -> sP
-//   warpgroup w:  O[:, 256w : 256w+256] += P V[:, 256w : 256w+256]   (wgmma m64n256k16, V read
-//                 in place from sK as an MN-major operand: 64-channel atoms 8 KiB apart)
-// The online softmax bookkeeping is the portable kernel's (decode_portable.cuh).
+// Three warpgroups, specialised (setmaxnreg moves registers to the consumers):
+//   producer (warpgroup 0): walks the same (sequence piece, 64-token tile) sequence as the
+//     consumers and fills a 2-stage KV ring. Page sizes that are multiples of 64: one warp, TMA
+//     (a tile is 64 consecutive tokens of one page; 64-channel boxes land pre-swizzled; an
+//     out-of-range block id is an out-of-bounds box, which TMA fills with zeros). Other page sizes:
+//     all 128 threads gather the tile token by token with cp.async (zeros where masked).
+//     full[stage] says a tile landed, empty[stage] that the consumers are done with it.
+//   consumers (warpgroups 1, 2 = cw 0, 1): per tile,
+//     cw:  S_cw = Q K[32 cw : 32 cw + 32]^T                 (wgmma m64n32k16, K-major smem)
+//     row max over both halves through shared memory; P = 2^(S*scale*log2e - m) -> sP
+//     cw:  O[:, 256 cw : +256] += P V[:, 256 cw : +256]      (wgmma m64n256k16; V read in place
+//          from the KV tile as an MN-major operand: its 64-channel atoms are 8 KiB apart)
+//     and the online-softmax bookkeeping of the portable kernel (decode_portable.cuh).
+// Shared memory uses the 128-byte-swizzled K-major layout throughout: each 64-channel slice of a
+// row is one 128-byte line, 8 lines form a 1024-byte swizzle atom, and slice c of a 64-row matrix
+// starts at c * 8 KiB.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -28,48 +33,84 @@ namespace sm90 {
 constexpr int kRows = 64;      // query rows per block (wgmma M)
 constexpr int kTokens = 64;    // tokens per tile
 constexpr int kDimV = 512;     // output channels
-constexpr int kThreads = 256;  // two warpgroups
+constexpr int kStages = 2;
+constexpr int kConsumerThreads = 256;
+constexpr int kThreads = 128 + kConsumerThreads;
 constexpr int kSliceBytes = 64 * 128;  // one 64-channel slice of a 64-row matrix
 constexpr float kLn2 = 0.6931471805599453f;
+
+struct Args {
+  CUtensorMap kv_map;  // 4-D (channel, token in page, kv head, block) view of k_cache; TMA mode only
+  DecodeParams p;
+  bool use_tma;
+};
 
 template <int D>
 struct Smem {
   static constexpr int kSlices = D / 64;
   static constexpr int q_bytes = kSlices * kSliceBytes;
-  static constexpr int k_stage_bytes = kSlices * kSliceBytes;
+  static constexpr int stage_bytes = kSlices * kSliceBytes;
   static constexpr int p_bytes = kSliceBytes;
   static constexpr int stats_bytes = 2 * kRows * sizeof(float);
-  static constexpr int valid_bytes = 2 * kTokens;
-  static constexpr int total = q_bytes + 2 * k_stage_bytes + p_bytes + stats_bytes + valid_bytes + 1024;  // +align
+  static constexpr int valid_bytes = kStages * kTokens;
+  static constexpr int barrier_bytes = 2 * kStages * 8;
+  static constexpr int total = q_bytes + kStages * stage_bytes + p_bytes + stats_bytes + valid_bytes + barrier_bytes +
+                               1024;  // slack to align the start to 1024 bytes
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
 
 // Byte offset of 16-byte chunk `chunk` (0..7) of row `row` inside a swizzled slice.
 __device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 + ((chunk ^ (row % 8)) * 16); }
 
-// wgmma shared-memory descriptor, 128-byte swizzle. Offsets in bytes.
-__device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lead_bytes, uint32_t stride_bytes) {
-  uint64_t desc = 0;
-  desc |= uint64_t((smem_addr & 0x3FFFF) >> 4);
-  desc |= uint64_t((lead_bytes >> 4) & 0x3FFF) << 16;
-  desc |= uint64_t((stride_bytes >> 4) & 0x3FFF) << 32;
-  desc |= uint64_t(1) << 62;  // 128B swizzle
-  return desc;
+// wgmma shared-memory descriptor with 128-byte swizzle. Offsets in bytes.
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lead_bytes >> 4) & 0x3FFF) << 16) |
+         (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Barrier 1: the 256 consumer threads only (the producer never waits on it).
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory"); }
 
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
 
 // S (64 x 32, fp32) += A (64 x 16, K-major smem) * B (32 x 16, K-major smem)^T
 template <typename T>
@@ -123,237 +164,307 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, u
 #undef FLASHMLA_WGMMA_N256
 }
 
-// Copies 64 rows of D channels into a swizzled matrix; row r from src_of(r), nullptr = zeros.
-template <int D, typename T, typename SrcOf>
-__device__ __forceinline__ void load_swizzled(uint32_t dst, const DecodeParams& p, SrcOf src_of) {
-  constexpr int kChunks = D / 8;                   // 16-byte chunks per row
-  constexpr int kThreadsPerRow = 8;
-  constexpr int kRowsPerPass = kThreads / kThreadsPerRow;  // 32
-  const int tid = threadIdx.x;
-#pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
-    const int r = pass * kRowsPerPass + tid / kThreadsPerRow;
+// One (sequence, worker) piece of the schedule, clamped so that metadata built for other lengths
+// can never index outside the tensors (csrc/schedule.h).
+struct Piece {
+  int seqlen, t_begin, t_end, split_row;
+  bool whole;
+  __device__ int num_tiles() const { return (t_end - t_begin + kTokens - 1) / kTokens; }
+};
+
+__device__ __forceinline__ Piece piece_of(const DecodeParams& p, const int* md, int b) {
+  Piece pc;
+  const int capacity = p.max_blocks_per_seq * p.page_block_size;
+  pc.seqlen = min(max(p.seqlens[b], 0), capacity);
+  pc.t_begin = min(max(b == md[0] ? md[1] : 0, 0), pc.seqlen);
+  pc.t_end = max(min(b == md[2] ? md[3] : pc.seqlen, pc.seqlen), pc.t_begin);
+  const int split_first = p.num_splits[b];
+  pc.whole = p.num_splits[b + 1] - split_first == 1;
+  pc.split_row = min(max(split_first + (b == md[0] ? md[4] : 0), 0), p.partial_rows - 1);
+  return pc;
+}
+
+// Copies 64 rows of D channels into a swizzled matrix with `threads` threads (8 per row);
+// row r from src_of(r), nullptr = zeros.
+template <int D, int THREADS, typename T, typename SrcOf>
+__device__ __forceinline__ void gather_rows(uint32_t dst, int tid, const T* any_valid_ptr, SrcOf src_of) {
+  constexpr int kChunks = D / 8;
+  constexpr int kRowsPerPass = THREADS / 8;
+#pragma unroll 1
+  for (int r0 = 0; r0 < kRows; r0 += kRowsPerPass) {
+    const int r = r0 + tid / 8;
     const T* src = src_of(r);
 #pragma unroll
-    for (int c = tid % kThreadsPerRow; c < kChunks; c += kThreadsPerRow) {
-      const uint32_t d = dst + (c / 8) * kSliceBytes + swizzled(r, c % 8);
-      cp_async_16(d, src != nullptr ? src + c * 8 : static_cast<const T*>(p.k_cache), src != nullptr ? 16 : 0);
+    for (int c = tid % 8; c < kChunks; c += 8) {
+      cp_async_16(dst + (c / 8) * kSliceBytes + swizzled(r, c % 8), src != nullptr ? src + c * 8 : any_valid_ptr,
+                  src != nullptr ? 16 : 0);
     }
   }
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists only in the sm_90a pass of the build
   using S = Smem<D>;
   using DT = Dtype<T>;
+  const DecodeParams& p = args.p;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  // Swizzle atoms must sit on 1024-byte boundaries.
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* sQ = smem;
-  unsigned char* sK = sQ + S::q_bytes;
-  unsigned char* sP = sK + 2 * S::k_stage_bytes;
-  float* sStats = reinterpret_cast<float*>(sP + S::p_bytes);  // [2 warpgroups][64 rows]
-  unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + S::stats_bytes;  // [2 stages][64]
+  unsigned char* sKV = sQ + S::q_bytes;  // kStages stages
+  unsigned char* sP = sKV + kStages * S::stage_bytes;
+  float* sStats = reinterpret_cast<float*>(sP + S::p_bytes);                      // [2 consumers][64 rows]
+  unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + S::stats_bytes;  // [stage][token]
+  const uint32_t full_bar = smem_u32(sValid + S::valid_bytes);                    // kStages x 8 bytes
+  const uint32_t empty_bar = full_bar + kStages * 8;
 
   const int tid = threadIdx.x;
-  const int wg = tid / 128;            // warpgroup: token half for S, channel half for O
-  const int wtid = tid % 128;
-  const int lane = tid % 32;
-  const int row_lo = (wtid / 32) * 16 + lane / 4;  // this thread's accumulator rows: row_lo, row_lo + 8
-
   const int part = blockIdx.x;
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
   const int hk = blockIdx.y / m_blocks;
   const int row_base = (blockIdx.y % m_blocks) * kRows;
   const int g = p.num_heads_per_head_k;
-  const int capacity = p.max_blocks_per_seq * p.page_block_size;
   const int* md = p.metadata + part * kMetadataWidth;
   const int begin_batch = max(md[0], 0), end_batch = min(md[2], p.batch - 1);
 
-  for (int b = begin_batch; b <= end_batch; ++b) {
-    const int seqlen = min(max(p.seqlens[b], 0), capacity);
-    const int t_begin = min(max(b == md[0] ? md[1] : 0, 0), seqlen);
-    const int t_end = max(min(b == md[2] ? md[3] : seqlen, seqlen), t_begin);
-    const int split_first = p.num_splits[b];
-    const bool whole = p.num_splits[b + 1] - split_first == 1;
-    const int split_row = min(max(split_first + (b == md[0] ? md[4] : 0), 0), p.partial_rows - 1);
-    const int* table = p.block_table + int64_t(b) * p.block_table_stride;
-    const int num_tiles = (t_end - t_begin + kTokens - 1) / kTokens;
-
-    if (num_tiles > 0) {
-      load_swizzled<D, T>(smem_u32(sQ), p, [&](int r) -> const T* {
-        const int row = row_base + r;
-        if (row >= p.rows_per_head_k) return nullptr;
-        return static_cast<const T*>(p.q) + b * p.q_stride_b + (row / g) * p.q_stride_s + (hk * g + row % g) * p.q_stride_h;
-      });
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_bar + 8 * s, args.use_tma ? 1 : 128);
+      mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
-    auto load_tile = [&](int t0, int stage) {
-      load_swizzled<D, T>(smem_u32(sK + stage * S::k_stage_bytes), p, [&](int j) -> const T* {
-        const int t = t0 + j;
-        const T* src = nullptr;
-        if (t < t_end) {
-          const int block = table[t / p.page_block_size];
-          if (block >= 0 && block < p.num_blocks)
-            src = static_cast<const T*>(p.k_cache) + block * p.k_stride_block +
-                  (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
-        }
-        if (tid % 8 == 0) sValid[stage * kTokens + j] = src != nullptr;
-        return src;
-      });
-      cp_async_commit();
-    };
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
 
-    float o[128];
+  // Roles are the two branches of one if/else, so that setmaxnreg applies (see HOPPER.md).
+  if (tid < 128) {
+    // ----------------------------------------------------------------------------- producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
+    if (args.use_tma && tid >= 32) return;
+    int it = 0;
+    for (int b = begin_batch; b <= end_batch; ++b) {
+      const Piece pc = piece_of(p, md, b);
+      const int* table = p.block_table + int64_t(b) * p.block_table_stride;
+      for (int tile = 0; tile < pc.num_tiles(); ++tile, ++it) {
+        const int stage = it % kStages;
+        if (it >= kStages) mbar_wait(empty_bar + 8 * stage, ((it / kStages) + 1) & 1);
+        const int t0 = pc.t_begin + tile * kTokens;
+        const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
+        unsigned char* valid = sValid + stage * kTokens;
+        if (args.use_tma) {
+          // The tile is tokens [t0, t0 + 64) of one page (page_block_size % 64 == 0, t0 % 64 == 0).
+          const int block = table[t0 / p.page_block_size];
+          const bool block_ok = block >= 0 && block < p.num_blocks;
+          valid[tid] = block_ok && t0 + tid < pc.t_end;
+          valid[tid + 32] = block_ok && t0 + tid + 32 < pc.t_end;
+          __syncwarp();
+          if (tid == 0) {
+            mbar_arrive_expect_tx(full_bar + 8 * stage, S::stage_bytes);
+            // Out-of-range ids become an out-of-bounds box: zeros, no fault.
+            const int block_coord = block_ok ? block : p.num_blocks;
 #pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-    int last_visible[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row_base + row_lo + 8 * h;
-      last_visible[h] = p.causal ? seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : seqlen - 1;
+            for (int slice = 0; slice < S::kSlices; ++slice)
+              tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk,
+                          block_coord, full_bar + 8 * stage);
+          }
+        } else {
+          gather_rows<D, 128>(dst, tid, static_cast<const T*>(p.k_cache), [&](int j) -> const T* {
+            const int t = t0 + j;
+            const T* src = nullptr;
+            if (t < pc.t_end) {
+              const int block = table[t / p.page_block_size];
+              if (block >= 0 && block < p.num_blocks)
+                src = static_cast<const T*>(p.k_cache) + block * p.k_stride_block +
+                      (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
+            }
+            if (tid % 8 == 0) valid[j] = src != nullptr;
+            return src;
+          });
+          cp_async_wait_all();
+          fence_proxy_async();  // this thread's cp.async writes -> the consumers' wgmma reads
+          mbar_arrive(full_bar + 8 * stage);
+        }
+      }
     }
-
-    if (num_tiles > 0) load_tile(t_begin, 0);
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      const int stage = tile & 1;
-      const int t0 = t_begin + tile * kTokens;
-      if (tile + 1 < num_tiles) {
-        load_tile(t0 + kTokens, stage ^ 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
+  } else {
+    // ----------------------------------------------------------------------------- consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
+    const int ctid = tid - 128;          // 0..255
+    const int cw = ctid / 128;           // consumer warpgroup: token half for S, channel half for O
+    const int lane = tid % 32;
+    const int row_lo = ((ctid % 128) / 32) * 16 + lane / 4;  // accumulator rows row_lo, row_lo + 8
+    int it = 0;
+    for (int b = begin_batch; b <= end_batch; ++b) {
+      const Piece pc = piece_of(p, md, b);
+      const int num_tiles = pc.num_tiles();
+      if (num_tiles > 0) {
+        gather_rows<D, kConsumerThreads>(smem_u32(sQ), ctid, static_cast<const T*>(p.q), [&](int r) -> const T* {
+          const int row = row_base + r;
+          if (row >= p.rows_per_head_k) return nullptr;
+          return static_cast<const T*>(p.q) + b * p.q_stride_b + (row / g) * p.q_stride_s +
+                 (hk * g + row % g) * p.q_stride_h;
+        });
+        cp_async_wait_all();
+        fence_proxy_async();
+        consumer_sync();
       }
-      fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
-      __syncthreads();
-      const uint32_t k_addr = smem_u32(sK + stage * S::k_stage_bytes);
-
-      // S = Q K^T for tokens [32 wg, 32 wg + 32).
-      float s[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) s[i] = 0.f;
-      wgmma_fence();
-#pragma unroll
-      for (int slice = 0; slice < S::kSlices; ++slice) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const uint64_t da = make_desc(smem_u32(sQ) + slice * kSliceBytes + kk * 32, 16, 1024);
-          const uint64_t db = make_desc(k_addr + slice * kSliceBytes + wg * 32 * 128 + kk * 32, 16, 1024);
-          wgmma_m64n32k16<T>(s, da, db);
-        }
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-
-      // Mask and scale; token of s[4j + e] is 32 wg + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
-      float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int jt = wg * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
-          const int h = e / 2;
-          const bool ok = sValid[stage * kTokens + jt] && t0 + jt <= last_visible[h];
-          s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
-          tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
-        }
-      }
-#pragma unroll
+      float o[128];
+  #pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] = 0.f;
+      float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+      int last_visible[2];
+  #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
+        const int row = row_base + row_lo + 8 * h;
+        last_visible[h] = p.causal ? pc.seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : pc.seqlen - 1;
+      }
+
+      for (int tile = 0; tile < num_tiles; ++tile, ++it) {
+        const int stage = it % kStages;
+        const int t0 = pc.t_begin + tile * kTokens;
+        unsigned char* stage_ptr = sKV + stage * S::stage_bytes;
+        const uint32_t kv_addr = smem_u32(stage_ptr);
+        const unsigned char* valid = sValid + stage * kTokens;
+        mbar_wait(full_bar + 8 * stage, (it / kStages) & 1);
+        if (args.use_tma && t0 + kTokens > pc.t_end) {
+          // TMA brought whole pages: clear the V rows of tokens past the piece (they may hold NaN,
+          // and P = 0 times NaN is NaN). Channels past 512 only meet masked scores.
+          const int first_dead = pc.t_end - t0;
+          for (int idx = ctid; idx < (kTokens - first_dead) * (kDimV / 8); idx += kConsumerThreads) {
+            const int r = first_dead + idx / (kDimV / 8), c = idx % (kDimV / 8);
+            *reinterpret_cast<uint4*>(stage_ptr + (c / 8) * kSliceBytes + swizzled(r, c % 8)) = make_uint4(0, 0, 0, 0);
+          }
+          fence_proxy_async();
+          consumer_sync();
+        }
+
+        // S = Q K^T for tokens [32 cw, 32 cw + 32).
+        float s[16];
+  #pragma unroll
+        for (int i = 0; i < 16; ++i) s[i] = 0.f;
+        wgmma_fence();
+  #pragma unroll
+        for (int slice = 0; slice < S::kSlices; ++slice) {
+  #pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            const uint64_t da = make_desc(smem_u32(sQ) + slice * kSliceBytes + kk * 32, 16, 1024);
+            const uint64_t db = make_desc(kv_addr + slice * kSliceBytes + cw * 32 * 128 + kk * 32, 16, 1024);
+            wgmma_m64n32k16<T>(s, da, db);
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        // Mask and scale. s[4j + e]: token 32 cw + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
+        float tile_max[2] = {-INFINITY, -INFINITY};
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+  #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int jt = cw * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
+            const int h = e / 2;
+            const bool ok = valid[jt] && t0 + jt <= last_visible[h];
+            s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
+            tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
+          }
+        }
+  #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
+          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
+        }
+        if (lane % 4 == 0) {
+          sStats[cw * kRows + row_lo] = tile_max[0];
+          sStats[cw * kRows + row_lo + 8] = tile_max[1];
+        }
+        consumer_sync();
+        float rescale[2];
+  #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float m_new = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
+          const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: keep P = 0
+          rescale[h] = exp2f(row_max[h] - base);
+          row_max[h] = m_new;
+          row_sum[h] *= rescale[h];
+        }
+        // P -> sP (swizzled K-major 64 x 64), and this warpgroup's share of the row sums.
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+  #pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
+            const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
+            row_sum[h] += p0 + p1;
+            const int r = row_lo + 8 * h;
+            const int t = cw * 32 + j * 8 + (lane % 4) * 2;
+            *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
+          }
+        }
+  #pragma unroll
+        for (int i = 0; i < 128; i += 4) {
+          o[i] *= rescale[0];
+          o[i + 1] *= rescale[0];
+          o[i + 2] *= rescale[1];
+          o[i + 3] *= rescale[1];
+        }
+        fence_proxy_async();  // generic stores to sP -> wgmma reads
+        consumer_sync();
+        // O[:, 256 cw : +256] += P V. V channels 256 cw.. = slices 4 cw..4 cw+3 (8 KiB apart: the
+        // MN-major atom stride); tokens 16 kt..+16 = two 8-row groups 1024 bytes apart.
+        wgmma_fence();
+  #pragma unroll
+        for (int kt = 0; kt < kTokens / 16; ++kt) {
+          const uint64_t da = make_desc(smem_u32(sP) + kt * 32, 16, 1024);
+          const uint64_t db = make_desc(kv_addr + (4 * cw) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
+          wgmma_m64n256k16<T>(o, da, db);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(empty_bar + 8 * stage);  // this warp is done with the stage
+      }
+
+      // Row sums: add the two warpgroups' shares, then write.
+  #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 1);
+        row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 2);
       }
       if (lane % 4 == 0) {
-        sStats[wg * kRows + row_lo] = tile_max[0];
-        sStats[wg * kRows + row_lo + 8] = tile_max[1];
+        sStats[cw * kRows + row_lo] = row_sum[0];
+        sStats[cw * kRows + row_lo + 8] = row_sum[1];
       }
-      __syncthreads();
-      float rescale[2];
-#pragma unroll
+      consumer_sync();
+  #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float m_new = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
-        const float base = m_new == -INFINITY ? 0.f : m_new;
-        rescale[h] = exp2f(row_max[h] - base);
-        row_max[h] = m_new;
-        row_sum[h] *= rescale[h];
-      }
-      // P -> sP (swizzled K-major 64 x 64), and this warpgroup's share of the row sums.
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
-          const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
-          row_sum[h] += p0 + p1;
-          const int r = row_lo + 8 * h;
-          const int t = wg * 32 + j * 8 + (lane % 4) * 2;
-          *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
+        const int r = row_lo + 8 * h;
+        const float total = sStats[r] + sStats[kRows + r];
+        const int row = row_base + r;
+        if (row >= p.rows_per_head_k) continue;
+        const bool empty = total == 0.f;
+        const float inv = empty ? 0.f : 1.f / total;
+        const float lse = empty ? (pc.whole ? INFINITY : -INFINITY) : (row_max[h] + log2f(total)) * kLn2;
+        const int qi = row / g, head = hk * g + row % g;
+        // o[4 j + 2 h + {0,1}] holds channels 256 cw + 8 j + 2 (lane % 4) + {0,1}.
+        const int col0 = cw * 256 + (lane % 4) * 2;
+        if (pc.whole) {
+          T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * kDimV + col0;
+  #pragma unroll
+          for (int j = 0; j < 32; ++j)
+            *reinterpret_cast<typename DT::pair*>(dst + 8 * j) =
+                DT::make_pair(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+          if (cw == 0 && lane % 4 == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = lse;
+        } else {
+          const int64_t prow = (int64_t(pc.split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
+          float* dst = p.partial_out + prow * kDimV + col0;
+  #pragma unroll
+          for (int j = 0; j < 32; ++j)
+            *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+          if (cw == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
         }
       }
-#pragma unroll
-      for (int i = 0; i < 128; i += 4) {
-        o[i] *= rescale[0];
-        o[i + 1] *= rescale[0];
-        o[i + 2] *= rescale[1];
-        o[i + 3] *= rescale[1];
-      }
-      fence_proxy_async();  // generic stores to sP -> wgmma reads
-      __syncthreads();
-      // O[:, 256 wg : 256 wg + 256] += P V
-      wgmma_fence();
-#pragma unroll
-      for (int kt = 0; kt < kTokens / 16; ++kt) {
-        const uint64_t da = make_desc(smem_u32(sP) + kt * 32, 16, 1024);
-        // V: channels 256 wg .. +256 = slices 4 wg .. 4 wg + 3 (8 KiB apart: the MN-major atom
-        // stride), tokens 16 kt .. +16 = two 8-row groups 1024 bytes apart.
-        const uint64_t db = make_desc(k_addr + (4 * wg) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
-        wgmma_m64n256k16<T>(o, da, db);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      __syncthreads();  // next iteration overwrites this stage, sP, sStats, sValid
+      consumer_sync();  // sQ and sStats are reused by the next sequence
     }
-
-    // Row sums: add the two warpgroups' shares.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 1);
-      row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 2);
-    }
-    if (lane % 4 == 0) {
-      sStats[wg * kRows + row_lo] = row_sum[0];
-      sStats[wg * kRows + row_lo + 8] = row_sum[1];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = row_lo + 8 * h;
-      const float total = sStats[r] + sStats[kRows + r];
-      const int row = row_base + r;
-      if (row >= p.rows_per_head_k) continue;
-      const bool empty = total == 0.f;
-      const float inv = empty ? 0.f : 1.f / total;
-      const float lse = empty ? (whole ? INFINITY : -INFINITY) : (row_max[h] + log2f(total)) * kLn2;
-      const int qi = row / g, head = hk * g + row % g;
-      // o[4 j + 2 h + {0,1}] holds channels 256 wg + 8 j + 2 (lane % 4) + {0,1}.
-      const int col0 = wg * 256 + (lane % 4) * 2;
-      if (whole) {
-        T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * kDimV + col0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<typename DT::pair*>(dst + 8 * j) = DT::make_pair(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-        if (wg == 0 && lane % 4 == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = lse;
-      } else {
-        const int64_t prow = (int64_t(split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
-        float* dst = p.partial_out + prow * kDimV + col0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-        if (wg == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
-      }
-    }
-    __syncthreads();  // sQ, sStats reused by the next sequence
   }
 #endif
 }

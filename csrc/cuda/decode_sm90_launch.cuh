@@ -2,6 +2,9 @@
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/util/Exception.h>
+#include <cudaTypedefs.h>
+
+#include <type_traits>
 
 #include "decode_launchers.h"
 #include "decode_sm90.cuh"
@@ -9,12 +12,48 @@
 namespace flashmla {
 namespace sm90 {
 
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status));
+    TORCH_CHECK(status == cudaDriverEntryPointSuccess && ptr != nullptr, "cuTensorMapEncodeTiled is not available");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// 4-D view of k_cache for TMA: (channel, token in page, kv head, block), boxes of 64 x 64 x 1 x 1
+// landing in the 128-byte swizzle the kernel reads.
+template <typename T>
+CUtensorMap make_kv_map(const DecodeParams& p) {
+  CUtensorMap map;
+  const cuuint64_t dims[4] = {cuuint64_t(p.head_dim), cuuint64_t(p.page_block_size), cuuint64_t(p.num_heads_k),
+                              cuuint64_t(p.num_blocks)};
+  const cuuint64_t strides[3] = {cuuint64_t(p.k_stride_token) * sizeof(T), cuuint64_t(p.k_stride_head) * sizeof(T),
+                                 cuuint64_t(p.k_stride_block) * sizeof(T)};
+  const cuuint32_t box[4] = {64, kTokens, 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const auto dtype = std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult rc = tensor_map_encoder()(&map, dtype, 4, const_cast<void*>(p.k_cache), dims, strides, box,
+                                           elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(rc == CUDA_SUCCESS, "flash_mla_with_kvcache: cuTensorMapEncodeTiled failed with error ", int(rc));
+  return map;
+}
+
 template <typename T, int D>
 void launch(const DecodeParams& p, cudaStream_t stream) {
+  Args args{};
+  args.p = p;
+  // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
+  args.use_tma = p.page_block_size % kTokens == 0;
+  if (args.use_tma) args.kv_map = make_kv_map<T>(p);
   auto kernel = mla_decode_sm90_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::total));
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
-  kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, Smem<D>::total, stream>>>(p);
+  kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, Smem<D>::total, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
