@@ -5,7 +5,10 @@
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/out}
+FINAL_OUT=${OUT:-$PWD/out}
+# Everything is written under $FINAL_OUT/work and packed into results.tar.gz at the end (the device
+# tool brings back only a few files); summary.txt stays beside it.
+OUT=$FINAL_OUT/work
 mkdir -p "$OUT"
 STAGES=${*:-build smoke tests sanitize bench}
 PY=${PY:-python3}
@@ -33,7 +36,7 @@ if has smoke; then
   tail -30 "$OUT/smoke.log"
 fi
 if has tests; then
-  $PY -m pytest -q -x -p no:cacheprovider tests ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
+  $PY -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
   summary+=("pytest rc=$? : $(tail -1 "$OUT/pytest.log")")
   grep -E "FAILED|Error" "$OUT/pytest.log" | head -20
 fi
@@ -44,12 +47,15 @@ if has sanitize; then
   done
 fi
 if has bench; then
-  if [ -f benchmarks/bench_decode.py ]; then
-    $PY benchmarks/bench_decode.py --rows ${BENCH_ROWS:-all} --out "$OUT" > "$OUT/bench.log" 2>&1
-    summary+=("bench rc=$?")
-    cat "$OUT/results.md" 2>/dev/null || tail -40 "$OUT/bench.log"
-  fi
+  # The Hopper kernel (auto picks it on sm_90) on every row, the portable kernel on the grid.
+  for kernel in auto portable; do
+    rows=${BENCH_ROWS:-all}; [ $kernel = portable ] && rows=${BENCH_ROWS_PORTABLE:-grid}
+    mkdir -p "$OUT/bench_$kernel"
+    FLASHMLA_KERNEL=$kernel $PY benchmarks/bench_decode.py --rows $rows --out "$OUT/bench_$kernel" \
+      > "$OUT/bench_$kernel/log.txt" 2>&1
+    summary+=("bench $kernel rc=$?")
+    cat "$OUT/bench_$kernel/results.md" 2>/dev/null || tail -20 "$OUT/bench_$kernel/log.txt"
+  done
 fi
-echo "== summary =="
-cat "$OUT/gpu.txt"
-printf '%s\n' "${summary[@]}"
+{ echo "== summary =="; cat "$OUT/gpu.txt"; printf '%s\n' "${summary[@]}"; } | tee "$FINAL_OUT/summary.txt"
+tar czf "$FINAL_OUT/results.tar.gz" -C "$OUT" . && rm -rf "$OUT"

@@ -46,9 +46,22 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
   return std::max<int64_t>(1, device_facts(device).sm_count / tiles);
 }
 
-__global__ void build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, int* metadata,
-                                      int* num_splits) {
-  build_schedule(seqlens, batch, num_sm_parts, metadata, num_splits);
+// The schedule is a sequential scan; one thread runs it, after the block has staged the lengths
+// in shared memory (one global load latency instead of one per sequence). Batches too large to
+// stage are read from global memory.
+constexpr int kScheduleThreads = 256;
+constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
+
+__global__ void __launch_bounds__(kScheduleThreads) build_schedule_kernel(const int* seqlens, int batch,
+                                                                          int num_sm_parts, int* metadata,
+                                                                          int* num_splits) {
+  __shared__ int staged[kMaxStagedBatch];
+  const bool stage = batch <= kMaxStagedBatch;
+  if (stage) {
+    for (int i = threadIdx.x; i < batch; i += blockDim.x) staged[i] = seqlens[i];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) build_schedule(stage ? staged : seqlens, batch, num_sm_parts, metadata, num_splits);
 }
 
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens,
@@ -60,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
   auto lens = cache_seqlens.contiguous();
   auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
   auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
-  build_schedule_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(
+  build_schedule_kernel<<<1, kScheduleThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       lens.data_ptr<int>(), int(batch), int(parts), metadata.data_ptr<int>(), num_splits.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {metadata, num_splits};
