@@ -318,6 +318,29 @@ def check_against_reference(inp: DecodeInputs, out: torch.Tensor, lse: torch.Ten
     assert (lse_err <= 2e-4 * lse_mag).all(), f"lse error {lse_err.max().item():.3g}"
 
 
+def check_schedule_invariants(md: torch.Tensor, splits: torch.Tensor, lengths) -> None:
+    """The layout of csrc/schedule.h: every token of every sequence is covered exactly once."""
+    md, splits = md.tolist(), splits.tolist()
+    batch = len(lengths)
+    assert splits[0] == 0
+    assert all(splits[i + 1] - splits[i] >= 1 for i in range(batch))
+    assert splits[batch] <= batch + len(md) - 1
+    covered = [[0] * n for n in lengths]
+    pieces = [0] * batch
+    for begin_b, begin_t, end_b, end_t, begin_split, *rest in md:
+        assert rest == [0, 0, 0]
+        for b in range(begin_b, end_b + 1):
+            t0 = begin_t if b == begin_b else 0
+            t1 = end_t if b == end_b else lengths[b]
+            assert 0 <= t0 <= t1 <= lengths[b]
+            assert (begin_split if b == begin_b else 0) == pieces[b]
+            pieces[b] += 1
+            for t in range(t0, t1):
+                covered[b][t] += 1
+    assert all(c == 1 for row in covered for c in row), "a token is missed or covered twice"
+    assert pieces == [splits[i + 1] - splits[i] for i in range(batch)]
+
+
 def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype
     # View as integers so that NaN == NaN and -0.0 != +0.0 count as the bits they are.

@@ -18,6 +18,7 @@ from helpers import (
     assert_bitwise_equal,
     check_against_reference,
     check_empty_rows,
+    check_schedule_invariants,
     device_dtype_params,
     make_decode_inputs,
     max_abs,
@@ -202,29 +203,6 @@ def test_cpu_metadata_worker_counts(dtype, shape):
         assert max_abs(out, out0) <= tol_out * max(1.0, out0.abs().max().item())
         assert max_abs(lse[seen], lse0[seen]) <= 1e-5 * (lse0[seen].abs().max().item() + 1)
         assert torch.equal(lse[~seen], lse0[~seen])
-
-
-def check_schedule_invariants(md: torch.Tensor, splits: torch.Tensor, lengths) -> None:
-    """The layout of csrc/schedule.h: every token of every sequence is covered exactly once."""
-    md, splits = md.tolist(), splits.tolist()
-    batch = len(lengths)
-    assert splits[0] == 0
-    assert all(splits[i + 1] - splits[i] >= 1 for i in range(batch))
-    assert splits[batch] <= batch + len(md) - 1
-    covered = [[0] * n for n in lengths]
-    pieces = [0] * batch
-    for begin_b, begin_t, end_b, end_t, begin_split, *rest in md:
-        assert rest == [0, 0, 0]
-        for b in range(begin_b, end_b + 1):
-            t0 = begin_t if b == begin_b else 0
-            t1 = end_t if b == end_b else lengths[b]
-            assert 0 <= t0 <= t1 <= lengths[b]
-            assert (begin_split if b == begin_b else 0) == pieces[b]
-            pieces[b] += 1
-            for t in range(t0, t1):
-                covered[b][t] += 1
-    assert all(c == 1 for row in covered for c in row), "a token is missed or covered twice"
-    assert pieces == [splits[i + 1] - splits[i] for i in range(batch)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
