@@ -30,6 +30,8 @@ from helpers import (
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
+DEVICE = "cuda"  # the device under test; the CPU kernel serves as a second reference
+
 DTYPES = pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_name)
 
 
@@ -72,7 +74,7 @@ def check_cuda_vs_cpu_and_reference(inp):
 def test_small_shapes_vs_cpu(dtype, num_heads_k, num_heads_q, page_block_size, seq_len_q, causal):
     inp = make_decode_inputs(
         batch=5, seq_len_q=seq_len_q, num_heads_q=num_heads_q, num_heads_k=num_heads_k, head_dim=40, head_dim_v=32,
-        page_block_size=page_block_size, dtype=dtype, device="cuda", max_seqlen=300, causal=causal,
+        page_block_size=page_block_size, dtype=dtype, device=DEVICE, max_seqlen=300, causal=causal,
         seed=seed_for("cuda-small", dtype, num_heads_k, num_heads_q, page_block_size, seq_len_q, causal),
     )
     check_cuda_vs_cpu_and_reference(inp)
@@ -96,7 +98,7 @@ DEEPSEEK_LONG = [
     *s[:4], "causal" if s[4] else "full"))
 def test_deepseek_long_vs_cpu(dtype, shape):
     batch, max_seqlen, num_heads_q, seq_len_q, causal = shape
-    inp = make_decode_inputs(batch=batch, seq_len_q=seq_len_q, num_heads_q=num_heads_q, dtype=dtype, device="cuda",
+    inp = make_decode_inputs(batch=batch, seq_len_q=seq_len_q, num_heads_q=num_heads_q, dtype=dtype, device=DEVICE,
                              max_seqlen=max_seqlen, causal=causal, include_zero_length=batch > 2,
                              seed=seed_for("cuda-long", dtype, shape))
     check_cuda_vs_cpu_and_reference(inp)
@@ -105,7 +107,7 @@ def test_deepseek_long_vs_cpu(dtype, shape):
 @DTYPES
 def test_deepseek_fixed_lengths(dtype):
     """All sequences of the same length (FlashMLA's 'fixed' benchmark rows)."""
-    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device="cuda", max_seqlen=4096,
+    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device=DEVICE, max_seqlen=4096,
                              lengths=[4096] * 4, causal=True, seed=seed_for("cuda-fixed", dtype))
     check_cuda_vs_cpu_and_reference(inp)
 
@@ -114,7 +116,7 @@ def test_deepseek_fixed_lengths(dtype):
 def test_many_sequences(dtype):
     """More sequences than SMs, many of them empty or tiny."""
     lengths = [(i * 97) % 700 if i % 5 else 0 for i in range(300)]
-    inp = make_decode_inputs(batch=300, seq_len_q=1, num_heads_q=16, dtype=dtype, device="cuda", lengths=lengths,
+    inp = make_decode_inputs(batch=300, seq_len_q=1, num_heads_q=16, dtype=dtype, device=DEVICE, lengths=lengths,
                              max_seqlen=700, seed=seed_for("cuda-many", dtype))
     out, lse = inp.run()
     check_against_reference(inp, out, lse)
@@ -131,7 +133,7 @@ def test_cuda_metadata_matches_schedule(num_heads_per_head_k, num_heads_k):
     token covered once), and the same values as the CPU's schedule for the same worker count (both
     run build_schedule from csrc/schedule.h)."""
     lengths = [0, 1, 63, 64, 65, 4096, 16384, 3, 8191, 0]
-    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     md, splits = flashmla_ops.get_mla_metadata(lens, num_heads_per_head_k, num_heads_k)
     parts = flashmla_ops.fake.num_sm_parts(lens.device, num_heads_per_head_k, num_heads_k)
     assert md.shape == (parts, 8) and splits.shape == (len(lengths) + 1,)
@@ -149,11 +151,11 @@ def test_other_num_sm_parts(dtype, shape):
     with another SM count). Metadata of 1..300 workers, built by the CPU schedule and moved to the
     GPU, gives the same result up to rounding as the GPU's own."""
     if shape == "deepseek":
-        inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device="cuda", max_seqlen=5000,
+        inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device=DEVICE, max_seqlen=5000,
                                  causal=True, seed=seed_for("cuda-parts", dtype, shape))
     else:
         inp = make_decode_inputs(batch=6, seq_len_q=5, num_heads_q=6, num_heads_k=2, head_dim=40, head_dim_v=32,
-                                 page_block_size=16, dtype=dtype, device="cuda", max_seqlen=700, causal=True,
+                                 page_block_size=16, dtype=dtype, device=DEVICE, max_seqlen=700, causal=True,
                                  seed=seed_for("cuda-parts", dtype, shape))
     ref = inp.reference()
     ref_low = inp.reference(compute_dtype=None)
@@ -164,7 +166,7 @@ def test_other_num_sm_parts(dtype, shape):
         with num_threads(parts):
             md, splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens.cpu(), inp.num_heads_per_head_k,
                                                        inp.num_heads_k)
-        out, lse = inp.run((md.cuda(), splits.cuda()))
+        out, lse = inp.run((md.to(DEVICE), splits.to(DEVICE)))
         check_against_reference(inp, out, lse, ref=ref, ref_low=ref_low)
         assert max_abs(out, out0) <= 2 * low_err + rounding_slack(dtype, ref[0].abs().max().item())
 
@@ -180,7 +182,7 @@ def growing_sequences(dtype, steps, batch=4, num_heads_q=64, seq_len_q=1, causal
     g = torch.Generator().manual_seed(seed)
     final_lens = torch.randint(steps, 1000, (batch,), generator=g, dtype=torch.int32)
     final = make_decode_inputs(batch=batch, seq_len_q=seq_len_q, num_heads_q=num_heads_q, dtype=dtype,
-                               device="cuda", lengths=final_lens.tolist(), max_seqlen=1000, causal=causal, seed=seed)
+                               device=DEVICE, lengths=final_lens.tolist(), max_seqlen=1000, causal=causal, seed=seed)
     full_cache = final.k_cache.clone()
     cache = final.k_cache  # tokens at positions >= the step's length are NaN until written
     page = final.page_block_size
@@ -196,8 +198,8 @@ def growing_sequences(dtype, steps, batch=4, num_heads_q=64, seq_len_q=1, causal
             block = final.block_table[i, t // page]
             cache[block, t % page] = full_cache[block, t % page]
         g = torch.Generator().manual_seed(q_seed)
-        q = torch.randn(final.q.shape, generator=g).to(device="cuda", dtype=dtype)
-        return dataclasses.replace(final, q=q, cache_seqlens=lens.to(device="cuda", dtype=torch.int32))
+        q = torch.randn(final.q.shape, generator=g).to(device=DEVICE, dtype=dtype)
+        return dataclasses.replace(final, q=q, cache_seqlens=lens.to(device=DEVICE, dtype=torch.int32))
 
     return final, step_inputs
 
@@ -267,7 +269,7 @@ def test_compile_reduce_overhead(dtype, seq_len_q, causal, fresh_dynamo):
 @DTYPES
 def test_compile_reduce_overhead_eager_equal(dtype, fresh_dynamo):
     """Graph replay gives bitwise the eager result (the same kernels, the same metadata)."""
-    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=128, dtype=dtype, device="cuda", max_seqlen=3000,
+    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=128, dtype=dtype, device=DEVICE, max_seqlen=3000,
                              causal=True, seed=seed_for("ro-eager", dtype))
     torch._dynamo.mark_static_address(inp.k_cache)
 
@@ -306,13 +308,13 @@ class DeepSeekDecode(torch.nn.Module):
 
 @DTYPES
 def test_export_deepseek_dynamic_batch(dtype):
-    model = DeepSeekDecode(dtype=dtype).cuda()
+    model = DeepSeekDecode(dtype=dtype).to(DEVICE)
 
     def inputs(batch, seed):
-        inp = make_decode_inputs(batch=batch, seq_len_q=2, num_heads_q=16, dtype=dtype, device="cuda",
+        inp = make_decode_inputs(batch=batch, seq_len_q=2, num_heads_q=16, dtype=dtype, device=DEVICE,
                                  max_seqlen=2000, causal=True, spare_blocks=40, seed=seed)
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch, 2, 256, generator=g).to(device="cuda", dtype=dtype)
+        x = torch.randn(batch, 2, 256, generator=g).to(device=DEVICE, dtype=dtype)
         return (x, inp.k_cache, inp.block_table, inp.cache_seqlens)
 
     args = inputs(3, seed_for("export-cuda", dtype))
@@ -333,7 +335,7 @@ def test_export_deepseek_dynamic_batch(dtype):
                          ids=lambda s: "b{}-sk{}-hq{}-sq{}".format(*s[:4]))
 def test_deterministic_long(dtype, shape):
     batch, max_seqlen, num_heads_q, seq_len_q, causal = shape
-    inp = make_decode_inputs(batch=batch, seq_len_q=seq_len_q, num_heads_q=num_heads_q, dtype=dtype, device="cuda",
+    inp = make_decode_inputs(batch=batch, seq_len_q=seq_len_q, num_heads_q=num_heads_q, dtype=dtype, device=DEVICE,
                              max_seqlen=max_seqlen, causal=causal, seed=seed_for("cuda-det", dtype, shape))
     md = inp.metadata()
     assert int(md[1][-1].item()) > batch, "expected some sequences to be split (the combine path)"
@@ -351,7 +353,7 @@ def test_deterministic_long(dtype, shape):
 def test_runs_on_current_stream(dtype):
     """Both ops launch on the current stream: on a side stream whose q and lengths are written after a
     long sleep, the results are right (a launch on another stream would read them too early)."""
-    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device="cuda", max_seqlen=3000,
+    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device=DEVICE, max_seqlen=3000,
                              causal=True, seed=seed_for("stream", dtype))
     ref = inp.reference()
     q = torch.zeros_like(inp.q)
@@ -371,7 +373,7 @@ def test_runs_on_current_stream(dtype):
 
 @DTYPES
 def test_opcheck_deepseek_long(dtype):
-    inp = make_decode_inputs(batch=2, seq_len_q=2, num_heads_q=128, dtype=dtype, device="cuda", max_seqlen=8192,
+    inp = make_decode_inputs(batch=2, seq_len_q=2, num_heads_q=128, dtype=dtype, device=DEVICE, max_seqlen=8192,
                              causal=True, seed=seed_for("opcheck-long", dtype))
     torch.library.opcheck(torch.ops.flashmla.fwd_kvcache_mla.default, inp.op_args())
     torch.library.opcheck(torch.ops.flashmla.get_mla_metadata.default, (inp.cache_seqlens, 256, 1))
