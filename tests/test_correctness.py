@@ -35,13 +35,22 @@ from helpers import (
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("num_heads_q", [16, 32, 64, 128])
 @pytest.mark.parametrize("seq_len_q,causal", [(1, False), (2, True)])
-def test_deepseek_shapes(device, dtype, num_heads_q, seq_len_q, causal):
+@pytest.mark.parametrize("workers", ["default", "cpu-16"])
+def test_deepseek_shapes(device, dtype, num_heads_q, seq_len_q, causal, workers):
+    """workers="cpu-16": metadata of 16 workers from the CPU schedule (moved to the device), so that
+    sequences are cut into pieces and merged by LSE whatever the machine's own worker count."""
     inp = make_decode_inputs(
         batch=4, seq_len_q=seq_len_q, num_heads_q=num_heads_q, num_heads_k=1, head_dim=576, head_dim_v=512,
         page_block_size=64, dtype=dtype, device=device, max_seqlen=300, causal=causal,
         seed=seed_for("deepseek", device, dtype, num_heads_q, seq_len_q, causal),
     )
-    out, lse = inp.run()
+    metadata = None
+    if workers == "cpu-16":
+        with num_threads(16):
+            md, splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens.cpu(), inp.num_heads_per_head_k, 1)
+        assert int(splits[-1]) > inp.batch, "expected sequences cut into several pieces"
+        metadata = (md.to(device), splits.to(device))
+    out, lse = inp.run(metadata)
     check_against_reference(inp, out, lse)
 
 
