@@ -199,10 +199,12 @@ def test_export_runs_with_another_worker_count():
         assert_outputs_equal(got, want)
 
 
-def test_export_save_load_roundtrip(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_export_save_load_roundtrip(device):
+    """A saved ExportedProgram loads (the ops resolve by name) and runs like the module."""
     dtype = torch.bfloat16
-    model = DecodeModule(dtype)
-    args, _ = module_inputs(3, "cpu", dtype, seed_for("export-save"))
+    model = DecodeModule(dtype).to(device)
+    args, _ = module_inputs(3, device, dtype, seed_for("export-save", device))
     ep = torch.export.export(model, args)
     buffer = io.BytesIO()
     torch.export.save(ep, buffer)
