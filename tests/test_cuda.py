@@ -161,14 +161,16 @@ def test_other_num_sm_parts(dtype, shape):
     ref_low = inp.reference(compute_dtype=None)
     out0, lse0 = inp.run()
     check_against_reference(inp, out0, lse0, ref=ref, ref_low=ref_low)
-    low_err = max_abs(ref_low[0], ref[0])
+    seen = inp.visible_counts().to(DEVICE) > 0
     for parts in (1, 2, 7, 33, 132, 300):
         with num_threads(parts):
             md, splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens.cpu(), inp.num_heads_per_head_k,
                                                        inp.num_heads_k)
         out, lse = inp.run((md.to(DEVICE), splits.to(DEVICE)))
         check_against_reference(inp, out, lse, ref=ref, ref_low=ref_low)
-        assert max_abs(out, out0) <= 2 * low_err + rounding_slack(dtype, ref[0].abs().max().item())
+        # lse is fp32 throughout: other cuts of the sequences change it only by fp32 rounding.
+        assert max_abs(lse[seen], lse0[seen]) <= 1e-5 * (lse0[seen].abs().max().item() + 1)
+        assert torch.equal(lse[~seen], lse0[~seen])
 
 
 # ----------------------------------------------------------------------------------------------
