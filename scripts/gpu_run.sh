@@ -36,9 +36,12 @@ if has smoke; then
   tail -30 "$OUT/smoke.log"
 fi
 if has tests; then
-  $PY -m pytest -q -p no:cacheprovider tests ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
+  # The AOTInductor tests build and load packages; they run in a process of their own.
+  $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_aoti.py ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
   summary+=("pytest rc=$? : $(tail -1 "$OUT/pytest.log")")
-  grep -E "FAILED|Error" "$OUT/pytest.log" | head -20
+  $PY -m pytest -q -p no:cacheprovider tests/test_aoti.py > "$OUT/pytest_aoti.log" 2>&1
+  summary+=("pytest aoti rc=$? : $(tail -1 "$OUT/pytest_aoti.log")")
+  grep -hE "^FAILED|^ERROR|Fatal" "$OUT/pytest.log" "$OUT/pytest_aoti.log" | head -20
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do

@@ -320,15 +320,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         last_visible[h] = p.causal ? pc.seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : pc.seqlen - 1;
       }
 
-      // Waits for tile `it` of the ring and makes it safe to read (TMA brings whole pages: the V
-      // rows of tokens past the piece may hold NaN, and P = 0 times NaN is NaN, so they are
-      // cleared; channels past 512 only meet masked scores).
-      auto acquire_tile = [&](int tile, int ring_it) {
-        const int stage = ring_it % kStages;
-        mbar_wait(full_bar + 8 * stage, (ring_it / kStages) & 1);
+      for (int tile = 0; tile < num_tiles; ++tile, ++it) {
+        const int stage = it % kStages;
         const int t0 = pc.t_begin + tile * kTokens;
+        unsigned char* stage_ptr = sKV + stage * S::stage_bytes;
+        const uint32_t kv_addr = smem_u32(stage_ptr);
+        const unsigned char* valid = sValid + stage * kTokens;
+        mbar_wait(full_bar + 8 * stage, (it / kStages) & 1);
         if (args.use_tma && t0 + kTokens > pc.t_end) {
-          unsigned char* stage_ptr = sKV + stage * S::stage_bytes;
+          // TMA brought whole pages: clear the V rows of tokens past the piece (they may hold NaN,
+          // and P = 0 times NaN is NaN). Channels past 512 only meet masked scores.
           const int first_dead = pc.t_end - t0;
           for (int idx = ctid; idx < (kTokens - first_dead) * (kDimV / 8); idx += kConsumerThreads) {
             const int r = first_dead + idx / (kDimV / 8), c = idx % (kDimV / 8);
@@ -337,48 +338,29 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           fence_proxy_async();
           consumer_sync();
         }
-      };
-      // Issues S = Q K^T for this warpgroup's tokens [32 cw, 32 cw + 32) of ring slot `ring_it`.
-      auto issue_scores = [&](float(&acc)[16], int ring_it) {
-        const uint32_t kv_addr = smem_u32(sKV + (ring_it % kStages) * S::stage_bytes);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+
+        // S = Q K^T for tokens [32 cw, 32 cw + 32).
+        float s[16];
+  #pragma unroll
+        for (int i = 0; i < 16; ++i) s[i] = 0.f;
         wgmma_fence();
-#pragma unroll
+  #pragma unroll
         for (int slice = 0; slice < S::kSlices; ++slice) {
-#pragma unroll
+  #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
             const uint64_t da = make_desc(smem_u32(sQ) + slice * kSliceBytes + kk * 32, 16, 1024);
             const uint64_t db = make_desc(kv_addr + slice * kSliceBytes + cw * 32 * 128 + kk * 32, 16, 1024);
-            wgmma_m64n32k16<T>(acc, da, db);
+            wgmma_m64n32k16<T>(s, da, db);
           }
         }
         wgmma_commit();
-      };
-
-      // Software pipeline: S of tile i + 1 runs on the tensor cores while tile i's softmax runs.
-      float s[16], s_next[16];
-      if (num_tiles > 0) {
-        acquire_tile(0, it);
-        issue_scores(s, it);
         wgmma_wait<0>();
-      }
-      for (int tile = 0; tile < num_tiles; ++tile, ++it) {
-        const int stage = it % kStages;
-        const int t0 = pc.t_begin + tile * kTokens;
-        const uint32_t kv_addr = smem_u32(sKV + stage * S::stage_bytes);
-        const unsigned char* valid = sValid + stage * kTokens;
-        const bool has_next = tile + 1 < num_tiles;
-        if (has_next) {
-          acquire_tile(tile + 1, it + 1);
-          issue_scores(s_next, it + 1);
-        }
 
         // Mask and scale. s[4j + e]: token 32 cw + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
         float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
+  #pragma unroll
         for (int j = 0; j < 4; ++j) {
-#pragma unroll
+  #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int jt = cw * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
             const int h = e / 2;
@@ -387,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
           }
         }
-#pragma unroll
+  #pragma unroll
         for (int h = 0; h < 2; ++h) {
           tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
           tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
@@ -398,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         }
         consumer_sync();
         float rescale[2];
-#pragma unroll
+  #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float m_new = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
           const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: keep P = 0
@@ -407,9 +389,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           row_sum[h] *= rescale[h];
         }
         // P -> sP (swizzled K-major 64 x 64), and this warpgroup's share of the row sums.
-#pragma unroll
+  #pragma unroll
         for (int j = 0; j < 4; ++j) {
-#pragma unroll
+  #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
             const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
@@ -419,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
           }
         }
-#pragma unroll
+  #pragma unroll
         for (int i = 0; i < 128; i += 4) {
           o[i] *= rescale[0];
           o[i + 1] *= rescale[0];
@@ -431,19 +413,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         // O[:, 256 cw : +256] += P V. V channels 256 cw.. = slices 4 cw..4 cw+3 (8 KiB apart: the
         // MN-major atom stride); tokens 16 kt..+16 = two 8-row groups 1024 bytes apart.
         wgmma_fence();
-#pragma unroll
+  #pragma unroll
         for (int kt = 0; kt < kTokens / 16; ++kt) {
           const uint64_t da = make_desc(smem_u32(sP) + kt * 32, 16, 1024);
           const uint64_t db = make_desc(kv_addr + (4 * cw) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
           wgmma_m64n256k16<T>(o, da, db);
         }
         wgmma_commit();
-        wgmma_wait<0>();  // this tile's P V and the next tile's S
+        wgmma_wait<0>();
         if (lane == 0) mbar_arrive(empty_bar + 8 * stage);  // this warp is done with the stage
-        if (has_next) {
-#pragma unroll
-          for (int i = 0; i < 16; ++i) s[i] = s_next[i];
-        }
       }
 
       // Row sums: add the two warpgroups' shares, then write.
