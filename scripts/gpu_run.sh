@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
-#   scripts/gpu_run.sh [stage ...]   stages: build smoke tests sanitize bench (default: all)
+#   scripts/gpu_run.sh [stage ...]   stages: build smoke tests sanitize profile bench (default: all but profile)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,18 @@ if has sanitize; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/cuda_smoke.py --small > "$OUT/sanitize_$tool.log" 2>&1
     summary+=("compute-sanitizer $tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)")
+  done
+fi
+if has profile; then
+  # Hardware counters of the decode kernel on a memory-bound and a compute-bound row.
+  for case in "16 1" "128 1"; do
+    set -- $case
+    ncu --clock-control none --kernel-name regex:mla_decode --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      $PY scripts/profile_decode.py $1 $2 > "$OUT/ncu_h$1_sq$2.txt" 2>&1
+    summary+=("ncu h_q=$1 s_q=$2 rc=$?")
+    grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Stall|Issue Slot|Executed Ipc" "$OUT/ncu_h$1_sq$2.txt" | head -20
   done
 fi
 if has bench; then
