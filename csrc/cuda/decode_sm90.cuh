@@ -43,10 +43,6 @@ struct Args {
   CUtensorMap kv_map;  // 4-D (channel, token in page, kv head, block) view of k_cache; TMA mode only
   DecodeParams p;
   bool use_tma;
-  // Blocks of one cluster (1, 2 or 4; TMA mode only) are the row tiles of the same worker and KV
-  // head: they read the same KV tiles, so each loads slices `rank, rank + cluster, ...` of a tile
-  // and multicasts them to all, dividing the L2 traffic by the cluster size.
-  int cluster;
 };
 
 template <int D>
@@ -96,23 +92,6 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-// Arrives on the mbarrier at the same shared-memory offset in block `rank` of this cluster.
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
-  asm volatile(
-      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
-      "r"(rank)
-      : "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// All threads of all blocks of the cluster.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
@@ -122,15 +101,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
       "r"(parity)
-      : "memory");
-}
-// Like tma_load_4d, into the same offset of every block in cta_mask (and their mbarriers).
-__device__ __forceinline__ void tma_load_4d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
-                                                      int c3, uint32_t bar, uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
-      "%3, %4, %5}], [%6], %7;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(cta_mask)
       : "memory");
 }
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
@@ -261,24 +231,19 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_bar + 8 * s, args.use_tma ? 1 : 128);
-      // Every consumer warp of every block of the cluster releases each stage.
-      mbar_init(empty_bar + 8 * s, kConsumerThreads / 32 * args.cluster);
+      mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  // Peers multicast into this block's shared memory and arrive on its barriers: all barriers of
-  // the cluster must exist before anyone starts.
-  if (args.cluster > 1) cluster_sync();
-  else __syncthreads();
-  const uint32_t rank = args.cluster > 1 ? cluster_rank() : 0;
+  __syncthreads();
 
   // Roles are the two branches of one if/else, so that setmaxnreg applies (see HOPPER.md).
   if (tid < 128) {
     // ----------------------------------------------------------------------------- producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
+    if (args.use_tma && tid >= 32) return;
     int it = 0;
-    // TMA mode needs one warp; the others skip to the final cluster barrier.
-    for (int b = begin_batch; b <= end_batch && !(args.use_tma && tid >= 32); ++b) {
+    for (int b = begin_batch; b <= end_batch; ++b) {
       const Piece pc = piece_of(p, md, b);
       const int* table = p.block_table + int64_t(b) * p.block_table_stride;
       for (int tile = 0; tile < pc.num_tiles(); ++tile, ++it) {
@@ -299,15 +264,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             // Out-of-range ids become an out-of-bounds box: zeros, no fault.
             const int block_coord = block_ok ? block : p.num_blocks;
 #pragma unroll
-            for (int slice = 0; slice < S::kSlices; ++slice) {
-              if (args.cluster == 1) {
-                tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk,
-                            block_coord, full_bar + 8 * stage);
-              } else if (slice % args.cluster == int(rank)) {
-                tma_load_4d_multicast(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size,
-                                      hk, block_coord, full_bar + 8 * stage, uint16_t((1u << args.cluster) - 1));
-              }
-            }
+            for (int slice = 0; slice < S::kSlices; ++slice)
+              tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk,
+                          block_coord, full_bar + 8 * stage);
           }
         } else {
           gather_rows<D, 128>(dst, tid, static_cast<const T*>(p.k_cache), [&](int j) -> const T* {
@@ -330,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
     }
   } else {
     // ----------------------------------------------------------------------------- consumers
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
     const int ctid = tid - 128;          // 0..255
     const int cw = ctid / 128;           // consumer warpgroup: token half for S, channel half for O
     const int lane = tid % 32;
@@ -462,11 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         }
         wgmma_commit();
         wgmma_wait<0>();
-        if (lane == 0) {  // this warp is done with the stage, in every block that multicasts into it
-          if (args.cluster == 1) mbar_arrive(empty_bar + 8 * stage);
-          else
-            for (int r = 0; r < args.cluster; ++r) mbar_arrive_cluster(empty_bar + 8 * stage, r);
-        }
+        if (lane == 0) mbar_arrive(empty_bar + 8 * stage);  // this warp is done with the stage
       }
 
       // Row sums: add the two warpgroups' shares, then write.
@@ -511,8 +466,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       consumer_sync();  // sQ and sStats are reused by the next sequence
     }
   }
-  // No block may exit while a peer can still multicast into it or arrive on its barriers.
-  if (args.cluster > 1) cluster_sync();
 #endif
 }
 

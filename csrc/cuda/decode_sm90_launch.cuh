@@ -50,24 +50,11 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
-  // Row tiles of one worker read the same KV: group them in clusters that share each load.
-  args.cluster = !args.use_tma ? 1 : m_blocks % 4 == 0 ? 4 : m_blocks % 2 == 0 ? 2 : 1;
   auto kernel = mla_decode_sm90_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::total));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.num_sm_parts, p.num_heads_k * m_blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = Smem<D>::total;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = args.cluster;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
+  const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
+  kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, Smem<D>::total, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
