@@ -226,7 +226,7 @@ def markdown(meta: Dict, records: List[Dict]) -> str:
              f"(random.seed(0) per row). FLOPs = 2·s_q·Σlen·h_q·(d+dv), bytes = 2·(Σlen·h_kv·d + b·s_q·h_q·(d+dv)). "
              f"Ceilings {C.CEILING_GBS:.0f} GB/s, {C.CEILING_TFLOPS:.0f} TFLOP/s. FlashMLA / Triton (vLLM, 4 KV splits): "
              f"anchors measured on H100 80GB HBM3 ({', '.join(Path(p).name for p in meta['anchor_paths'].values() if p)}). "
-             f"Build: `{json.dumps(meta.get('build_info'))}`; backend: {meta.get('backend') or 'default'}; "
+             f"Build: `{json.dumps(meta.get('build_info'))}`; kernel: {meta.get('kernel', 'auto')}; "
              f"torch {meta['torch']}; commit {meta.get('git_commit') or '?'}; {meta['date']}.",
              "",
              "`us` times flash_mla_with_kvcache alone (metadata built once outside, as FlashMLA's test does); "
@@ -320,9 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few representative rows (of --rows)")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, plot.png")
     p.add_argument("--device-name", default=None, help="name for the tables (default torch.cuda.get_device_name)")
-    p.add_argument("--backend", default=None,
-                   help="implementation name: exported as FLASHMLA_BACKEND before import and passed as "
-                        "backend= if flash_mla_with_kvcache takes it; recorded with build_info()")
+    p.add_argument("--kernel", default=None, choices=["auto", "portable", "sm90"],
+                   help="CUDA decode kernel (exported as FLASHMLA_KERNEL; default: the environment's, else auto)")
     p.add_argument("--timer", choices=("graph", "events"), default="graph")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
@@ -331,7 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="no GPU: FAKE times, plus a CPU smoke test of the pipeline")
     args = p.parse_args(argv)
 
-    C.set_backend_env(args.backend)
+    C.set_kernel_env(args.kernel)
     anchors = C.load_anchors(args.anchors)
     problems = C.check_anchor_consistency(anchors)
     if not anchors["paths"]["flashmla"]:
@@ -346,7 +345,6 @@ def main(argv=None) -> int:
         import flashmla_ops
 
         build_info = flashmla_ops.build_info()
-        kwargs = C.backend_kwargs(args.backend)
     except Exception as e:
         if not args.dry_run:
             raise
@@ -362,8 +360,7 @@ def main(argv=None) -> int:
     device_name = args.device_name or (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)")
     meta = {
         "device_name": device_name, "dry_run": args.dry_run, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "build_info": build_info, "backend": args.backend, "backend_kwargs": kwargs,
-        "backend_env": os.environ.get("FLASHMLA_BACKEND"),
+        "build_info": build_info, "kernel": os.environ.get("FLASHMLA_KERNEL", "auto"),
         "timer": args.timer, "iters": args.iters, "warmup": args.warmup,
         "timer_desc": ("FAKE roofline times" if args.dry_run else
                        ("CUDA-graph replay" if args.timer == "graph" else "CUDA events") + f", median of {args.iters}"),

@@ -276,7 +276,7 @@ def spot_check(inp: Inputs, out: torch.Tensor, lse: torch.Tensor, indices: Optio
 # The decode step and timers
 # --------------------------------------------------------------------------------------------------
 
-def decode_step(inp: Inputs, backend_kwargs: Optional[dict] = None,
+def decode_step(inp: Inputs, kwargs: Optional[dict] = None,
                 include_metadata: bool = True) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
     """A closure running one decode step: get_mla_metadata then flash_mla_with_kvcache.
 
@@ -288,7 +288,7 @@ def decode_step(inp: Inputs, backend_kwargs: Optional[dict] = None,
 
     s_q, h_q = inp.q.shape[1], inp.q.shape[2]
     h_kv = inp.k_cache.shape[2]
-    kwargs = dict(backend_kwargs or {})
+    kwargs = dict(kwargs or {})
 
     def metadata():
         return flashmla_ops.get_mla_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv)
@@ -387,19 +387,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def set_backend_env(backend: Optional[str]) -> None:
-    """Exports FLASHMLA_BACKEND before flashmla_ops is imported (the library may read it to pick a kernel)."""
-    if backend:
-        os.environ["FLASHMLA_BACKEND"] = backend
-
-
-def backend_kwargs(backend: Optional[str]) -> dict:
-    """{'backend': name} when flash_mla_with_kvcache takes a `backend` keyword, else {} (env only)."""
-    if not backend:
-        return {}
-    import inspect
-
-    import flashmla_ops
-
-    params = inspect.signature(flashmla_ops.flash_mla_with_kvcache).parameters
-    return {"backend": backend} if "backend" in params else {}
+def set_kernel_env(kernel: Optional[str]) -> None:
+    """Exports FLASHMLA_KERNEL (auto | portable | sm90), which the CUDA op reads on every call."""
+    if kernel:
+        os.environ["FLASHMLA_KERNEL"] = kernel

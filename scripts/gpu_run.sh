@@ -66,7 +66,7 @@ if has bench; then
   for kernel in auto portable; do
     rows=${BENCH_ROWS:-all}; [ $kernel = portable ] && rows=${BENCH_ROWS_PORTABLE:-grid}
     mkdir -p "$OUT/bench_$kernel"
-    FLASHMLA_KERNEL=$kernel $PY benchmarks/bench_decode.py --rows $rows --out "$OUT/bench_$kernel" \
+    $PY benchmarks/bench_decode.py --kernel $kernel --rows $rows --out "$OUT/bench_$kernel" \
       > "$OUT/bench_$kernel/log.txt" 2>&1
     summary+=("bench $kernel rc=$?")
     cat "$OUT/bench_$kernel/results.md" 2>/dev/null || tail -20 "$OUT/bench_$kernel/log.txt"
