@@ -7,6 +7,7 @@ CPU and, when built, CUDA kernels) and the fake implementations used by torch.co
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers the operators and kernels)
+from . import aoti  # noqa: F401  (aoti.compile_and_package: AOTInductor packages that load)
 from . import fake  # noqa: F401  (registers the fakes)
 from .interface import flash_mla_with_kvcache, get_mla_metadata, write_kvcache
 

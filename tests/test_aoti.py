@@ -3,6 +3,7 @@ AOTInductor package loaded in a fresh process: the same outputs, and the caller'
 at each step's slots."""
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -138,9 +139,9 @@ def test_torch_export_matches_eager(cpu_problem, cpu_eager, cpu_exported):
 
 
 def build_package(exported: torch.export.ExportedProgram, directory: str) -> str:
-    return torch._inductor.aoti_compile_and_package(
-        exported, package_path=os.path.join(directory, "decode.pt2")
-    )
+    # Not torch._inductor.aoti_compile_and_package directly: with a compiler that links libstdc++
+    # statically (the GPU machine's CXX), that package crashes in aoti_load_package. See flashmla_ops/aoti.py.
+    return flashmla_ops.aoti.compile_and_package(exported, os.path.join(directory, "decode.pt2"))
 
 
 def run_package_in_fresh_process(problem: DecodeProblem, package: str, directory: str) -> DecodeRun:
@@ -184,6 +185,56 @@ def cpu_package(cpu_exported, tmp_path_factory) -> str:
 @pytest.mark.slow  # builds the package: 10-30 s on 2 cores; runs in CI
 def test_aoti_package_in_fresh_process_cpu(cpu_problem, cpu_eager, cpu_package, tmp_path):
     assert_runs_close(run_package_in_fresh_process(cpu_problem, cpu_package, str(tmp_path)), cpu_eager)
+
+
+GXX = shutil.which("g++")
+needs_gxx = pytest.mark.skipif(
+    GXX is None or not sys.platform.startswith("linux"), reason="needs g++ on Linux"
+)
+
+
+def static_libstdcxx_compiler(directory: str) -> str:
+    """A g++ that links libstdc++ into shared objects statically, as the GPU machine's CXX=/opt/gcc/bin/g++
+    does (whose packages died with SIGSEGV in aoti_load_package)."""
+    path = os.path.join(directory, "g++-static-libstdc++")
+    with open(path, "w") as f:
+        f.write(
+            "#!/bin/sh\n"
+            f'case " $* " in *" -shared "*) exec {GXX} "$@" -static-libstdc++ ;; esac\n'
+            f'exec {GXX} "$@"\n'
+        )
+    os.chmod(path, 0o755)
+    return path
+
+
+def test_cpu_package_links_libstdcxx_dynamically(cpu_package):
+    libraries = flashmla_ops.aoti.package_libraries(cpu_package)
+    assert libraries, "no shared library in the package"
+    for name, needed in libraries.items():
+        assert "libstdc++.so.6" in needed or any(n.startswith("libc++.so") for n in needed), (name, needed)
+    flashmla_ops.aoti.check_package(cpu_package)
+
+
+@needs_gxx
+def test_compiler_probe_tells_static_libstdcxx(tmp_path):
+    static_gxx = static_libstdcxx_compiler(str(tmp_path))
+    probe = flashmla_ops.aoti.compiler_links_libstdcxx_statically
+    assert probe(GXX) is False
+    assert probe(static_gxx) is True
+    assert probe(static_gxx, ("-l" + flashmla_ops.aoti.DYNAMIC_LIBSTDCXX,)) is False
+
+
+@pytest.mark.slow  # a second package build
+@needs_gxx
+def test_aoti_package_from_static_libstdcxx_compiler_loads(cpu_problem, cpu_eager, cpu_exported, tmp_path):
+    """The GPU machine's failure, here: with a compiler that links libstdc++ statically, a plain
+    aoti_compile_and_package gives a package whose load crashes (SIGSEGV there, std::bad_cast here)."""
+    static_gxx = static_libstdcxx_compiler(str(tmp_path))
+    with torch._inductor.config.patch({"cpp.cxx": (None, static_gxx)}):
+        assert flashmla_ops.aoti.inductor_cpp_compiler() == static_gxx
+        package = build_package(cpu_exported, str(tmp_path))
+    flashmla_ops.aoti.check_package(package)
+    assert_runs_close(run_package_in_fresh_process(cpu_problem, package, str(tmp_path)), cpu_eager)
 
 
 @pytest.mark.slow
