@@ -1,26 +1,10 @@
 #include "mla_shapes.h"
 
+#include "arg_checks.h"
 #include "schedule.h"
 
 namespace flashmla {
-namespace {
-
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.device() == q.device(), "flash_mla_with_kvcache: ", name, " must be on ",
-              q.device(), " (the device of q), got ", t.device());
-}
-
-void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* shape) {
-  TORCH_CHECK(t.dim() == rank, "flash_mla_with_kvcache: ", name, " must have ", rank,
-              " dimensions ", shape, ", got shape ", t.sizes());
-}
-
-void check_int32(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, "flash_mla_with_kvcache: ", name,
-              " must be int32, got ", t.scalar_type());
-}
-
-}  // namespace
+constexpr const char* kOp = "flash_mla_with_kvcache";
 
 MlaShapes check_fwd_args(const at::Tensor& q, const at::Tensor& k_cache,
                          const std::optional<at::Tensor>& v_cache, int64_t head_dim_v,
@@ -35,21 +19,21 @@ MlaShapes check_fwd_args(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(!v_cache.has_value(),
               "flash_mla_with_kvcache: v_cache must be None: in MLA, V is the first head_dim_v "
               "channels of k_cache");
-  check_rank(q, "q", 4, "(batch, seq_len_q, num_heads_q, head_dim)");
-  check_rank(k_cache, "k_cache", 4, "(num_blocks, page_block_size, num_heads_k, head_dim)");
-  check_rank(block_table, "block_table", 2, "(batch, max_num_blocks_per_seq)");
-  check_rank(cache_seqlens, "cache_seqlens", 1, "(batch,)");
-  check_rank(tile_scheduler_metadata, "tile_scheduler_metadata", 2, "(num_sm_parts, 8)");
-  check_rank(num_splits, "num_splits", 1, "(batch + 1,)");
-  check_same_device(k_cache, "k_cache", q);
-  check_same_device(block_table, "block_table", q);
-  check_same_device(cache_seqlens, "cache_seqlens", q);
-  check_same_device(tile_scheduler_metadata, "tile_scheduler_metadata", q);
-  check_same_device(num_splits, "num_splits", q);
-  check_int32(block_table, "block_table");
-  check_int32(cache_seqlens, "cache_seqlens");
-  check_int32(tile_scheduler_metadata, "tile_scheduler_metadata");
-  check_int32(num_splits, "num_splits");
+  check_rank(kOp, q, "q", 4, "(batch, seq_len_q, num_heads_q, head_dim)");
+  check_rank(kOp, k_cache, "k_cache", 4, "(num_blocks, page_block_size, num_heads_k, head_dim)");
+  check_rank(kOp, block_table, "block_table", 2, "(batch, max_num_blocks_per_seq)");
+  check_rank(kOp, cache_seqlens, "cache_seqlens", 1, "(batch,)");
+  check_rank(kOp, tile_scheduler_metadata, "tile_scheduler_metadata", 2, "(num_sm_parts, 8)");
+  check_rank(kOp, num_splits, "num_splits", 1, "(batch + 1,)");
+  check_same_device(kOp, k_cache, "k_cache", q, "q");
+  check_same_device(kOp, block_table, "block_table", q, "q");
+  check_same_device(kOp, cache_seqlens, "cache_seqlens", q, "q");
+  check_same_device(kOp, tile_scheduler_metadata, "tile_scheduler_metadata", q, "q");
+  check_same_device(kOp, num_splits, "num_splits", q, "q");
+  check_int32(kOp, block_table, "block_table");
+  check_int32(kOp, cache_seqlens, "cache_seqlens");
+  check_int32(kOp, tile_scheduler_metadata, "tile_scheduler_metadata");
+  check_int32(kOp, num_splits, "num_splits");
 
   MlaShapes s{};
   s.batch = q.size(0);

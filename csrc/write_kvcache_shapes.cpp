@@ -1,26 +1,16 @@
 #include "write_kvcache_shapes.h"
 
+#include "arg_checks.h"
+
 namespace flashmla {
-namespace {
-
-void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* shape) {
-  TORCH_CHECK(t.dim() == rank, "write_kvcache: ", name, " must have ", rank, " dimensions ", shape,
-              ", got shape ", t.sizes());
-}
-
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& k_cache) {
-  TORCH_CHECK(t.device() == k_cache.device(), "write_kvcache: ", name, " must be on ", k_cache.device(),
-              " (the device of k_cache), got ", t.device());
-}
-
-}  // namespace
+constexpr const char* kOp = "write_kvcache";
 
 WriteKvcacheShapes check_write_kvcache_args(const at::Tensor& kv_c, const at::Tensor& k_pe,
                                             const at::Tensor& k_cache, const at::Tensor& slot_mapping) {
-  check_rank(kv_c, "kv_c", 2, "(num_tokens, d_c)");
-  check_rank(k_pe, "k_pe", 2, "(num_tokens, d_pe)");
-  check_rank(k_cache, "k_cache", 4, "(num_blocks, page_block_size, 1, d_c + d_pe)");
-  check_rank(slot_mapping, "slot_mapping", 1, "(num_tokens,)");
+  check_rank(kOp, kv_c, "kv_c", 2, "(num_tokens, d_c)");
+  check_rank(kOp, k_pe, "k_pe", 2, "(num_tokens, d_pe)");
+  check_rank(kOp, k_cache, "k_cache", 4, "(num_blocks, page_block_size, 1, d_c + d_pe)");
+  check_rank(kOp, slot_mapping, "slot_mapping", 1, "(num_tokens,)");
 
   const auto dt = k_cache.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat,
@@ -32,9 +22,9 @@ WriteKvcacheShapes check_write_kvcache_args(const at::Tensor& kv_c, const at::Te
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt,
               "write_kvcache: slot_mapping must be int64 or int32, got ", slot_mapping.scalar_type());
 
-  check_same_device(kv_c, "kv_c", k_cache);
-  check_same_device(k_pe, "k_pe", k_cache);
-  check_same_device(slot_mapping, "slot_mapping", k_cache);
+  check_same_device(kOp, kv_c, "kv_c", k_cache, "k_cache");
+  check_same_device(kOp, k_pe, "k_pe", k_cache, "k_cache");
+  check_same_device(kOp, slot_mapping, "slot_mapping", k_cache, "k_cache");
 
   const int64_t n = kv_c.size(0);
   TORCH_CHECK(k_pe.size(0) == n, "write_kvcache: k_pe.size(0) (", k_pe.size(0), ") must equal kv_c.size(0) (", n,
