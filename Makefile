@@ -30,5 +30,11 @@ demo: build
 bench-cpu: build
 	$(PY) benchmarks/bench_cpu.py
 
+# ruff and clang-format (.clang-format) over the sources; installs both into .venv.
+format: install
+	$(PY) -m pip install --quiet ruff clang-format
+	$(VENV)/bin/ruff format flashmla_ops tests benchmarks examples scripts
+	$(VENV)/bin/clang-format -i csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h
+
 clean:
 	rm -rf build *.egg-info flashmla_ops/*.so flashmla_ops/_build_info.py

@@ -69,7 +69,9 @@ def eager_decode(inp: C.Inputs, fold_heads: bool = True):
         lens = torch.tensor(lengths)[:, None, None]  # (b, 1, 1)
         visible = t[None, None, :] < lens  # (b, 1, L)
         if inp.causal and s_q > 1:
-            visible = visible & (t[None, None, :] <= lens - s_q + torch.arange(s_q)[None, :, None])  # (b, s_q, L)
+            visible = visible & (
+                t[None, None, :] <= lens - s_q + torch.arange(s_q)[None, :, None]
+            )  # (b, s_q, L)
         if not uniform:
             live = t[None, :] < torch.tensor(lengths)[:, None]  # (b, L)
             kv = torch.where(live[:, None, :, None], kv, torch.zeros((), dtype=kv.dtype))
@@ -80,7 +82,11 @@ def eager_decode(inp: C.Inputs, fold_heads: bool = True):
         qf = q.reshape(b, 1, s_q * h_q, d)  # rows (j, h) in order
         m = None
         if mask is not None:  # (b, s_q|1, L) -> one row per (j, h): (b, 1, s_q*h_q, L)
-            m = mask.expand(b, s_q, max_len)[:, :, None, :].expand(b, s_q, h_q, max_len).reshape(b, 1, -1, max_len)
+            m = (
+                mask.expand(b, s_q, max_len)[:, :, None, :]
+                .expand(b, s_q, h_q, max_len)
+                .reshape(b, 1, -1, max_len)
+            )
         o = F.scaled_dot_product_attention(qf, k, v, attn_mask=m)  # (b, 1, s_q*h_q, dv)
         return o.reshape(b, s_q, h_q, dv)
     qh = q.transpose(1, 2)  # (b, h_q, s_q, d)
@@ -90,9 +96,16 @@ def eager_decode(inp: C.Inputs, fold_heads: bool = True):
 
 
 def machine() -> Dict:
-    return {"cpu": C.cpu_name(), "platform_processor": platform.processor(), "machine": platform.machine(),
-            "os_cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": C.cpu_name(),
+        "platform_processor": platform.processor(),
+        "machine": platform.machine(),
+        "os_cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,8 +113,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def run_case(b: int, s_k: int, h_q: int, s_q: int, dtype_name: str, varlen: bool, baselines: List[str],
-             iters: int, warmup: int, budget_s: float = 15.0) -> Dict:
+def run_case(
+    b: int,
+    s_k: int,
+    h_q: int,
+    s_q: int,
+    dtype_name: str,
+    varlen: bool,
+    baselines: List[str],
+    iters: int,
+    warmup: int,
+    budget_s: float = 15.0,
+) -> Dict:
     """One case: check, then time ours and each baseline (fewer iterations, at least 3, for a slow one)."""
     dtype = DTYPES[dtype_name]
     seqlens = C.make_seqlens(b, s_k, s_q, varlen)
@@ -109,8 +132,18 @@ def run_case(b: int, s_k: int, h_q: int, s_q: int, dtype_name: str, varlen: bool
     elem = torch.empty((), dtype=dtype).element_size()
     kv_bytes = sum(seqlens) * C.NUM_HEADS_K * C.HEAD_DIM * elem
     n_flops = C.flops(b, s_q, h_q, seqlens)
-    rec = {"b": b, "s_k": s_k, "h_q": h_q, "s_q": s_q, "dtype": dtype_name, "varlen": varlen,
-           "sum_seqlens": sum(seqlens), "kv_bytes": kv_bytes, "flops": n_flops, "ok": True}
+    rec = {
+        "b": b,
+        "s_k": s_k,
+        "h_q": h_q,
+        "s_q": s_q,
+        "dtype": dtype_name,
+        "varlen": varlen,
+        "sum_seqlens": sum(seqlens),
+        "kv_bytes": kv_bytes,
+        "flops": n_flops,
+        "ok": True,
+    }
 
     step = C.decode_step(inp)
     out, lse = step()
@@ -122,7 +155,7 @@ def run_case(b: int, s_k: int, h_q: int, s_q: int, dtype_name: str, varlen: bool
     loose = 3e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
     impls = {"ours": step}
     for name in baselines:
-        fn = (lambda fold: (lambda: eager_decode(inp, fold)))(name == "eager")
+        fn = (lambda fold: lambda: eager_decode(inp, fold))(name == "eager")
         err = rel_err(fn(), out)
         rec[f"{name}_err_vs_ours"] = err
         if not err <= loose:
@@ -148,15 +181,17 @@ def run_case(b: int, s_k: int, h_q: int, s_q: int, dtype_name: str, varlen: bool
 
 def markdown(meta: Dict, records: List[Dict], baselines: List[str]) -> str:
     m = meta["machine"]
-    lines = [f"### CPU decode: {m['cpu']} ({m['os_cpu_count']} CPUs, {m['affinity']} usable, "
-             f"torch threads {m['torch_threads']}), torch {m['torch']}",
-             "",
-             f"d=576, dv=512, h_kv=1, page 64, causal; median of {meta['iters']} (time.perf_counter; at least 3 "
-             "for a slow baseline). "
-             "ours = get_mla_metadata + flash_mla_with_kvcache; eager = gather pages + SDPA with the query heads "
-             "folded onto the one KV head; eager_gqa = gather + SDPA(enable_gqa=True). "
-             "GB/s = KV bytes read (Σlen·d·elem) / time.",
-             ""]
+    lines = [
+        f"### CPU decode: {m['cpu']} ({m['os_cpu_count']} CPUs, {m['affinity']} usable, "
+        f"torch threads {m['torch_threads']}), torch {m['torch']}",
+        "",
+        f"d=576, dv=512, h_kv=1, page 64, causal; median of {meta['iters']} (time.perf_counter; at least 3 "
+        "for a slow baseline). "
+        "ours = get_mla_metadata + flash_mla_with_kvcache; eager = gather pages + SDPA with the query heads "
+        "folded onto the one KV head; eager_gqa = gather + SDPA(enable_gqa=True). "
+        "GB/s = KV bytes read (Σlen·d·elem) / time.",
+        "",
+    ]
     head = "| dtype | b | s_k | h_q | s_q | ours ms | ours GB/s | ours GFLOP/s |"
     sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
     for name in baselines:
@@ -166,7 +201,9 @@ def markdown(meta: Dict, records: List[Dict], baselines: List[str]) -> str:
     for r in records:
         row = f"| {r['dtype']} | {r['b']} | {r['s_k']}{' (varlen)' if r['varlen'] else ''} | {r['h_q']} | {r['s_q']} |"
         if not r["ok"]:
-            lines.append(row + " FAILED |" + " |" * (2 + 2 * len(baselines)) + f" {r.get('error') or r['check']} |")
+            lines.append(
+                row + " FAILED |" + " |" * (2 + 2 * len(baselines)) + f" {r.get('error') or r['check']} |"
+            )
             continue
         row += f" {r['ours_us'] / 1e3:.2f} | {r['ours_gbs']:.1f} | {r['ours_gflops']:.0f} |"
         for name in baselines:
@@ -186,25 +223,48 @@ def main(argv=None) -> int:
     p.add_argument("--baselines", nargs="*", choices=["eager", "eager_gqa"], default=["eager", "eager_gqa"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     p.add_argument("--out", default=None, help="directory for cpu_results.json and cpu_results.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     import flashmla_ops
 
-    meta = {"machine": machine(), "build_info": flashmla_ops.build_info(), "iters": args.iters, "warmup": args.warmup,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "argv": sys.argv[1:]}
+    meta = {
+        "machine": machine(),
+        "build_info": flashmla_ops.build_info(),
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "argv": sys.argv[1:],
+    }
     print(f"machine: {meta['machine']}", flush=True)
     records = []
     for dtype_name in args.dtypes:
         for h_q in args.h_q:
-            rec = run_case(args.batch, args.s_k, h_q, args.s_q, dtype_name, args.varlen, args.baselines,
-                           args.iters, args.warmup)
+            rec = run_case(
+                args.batch,
+                args.s_k,
+                h_q,
+                args.s_q,
+                dtype_name,
+                args.varlen,
+                args.baselines,
+                args.iters,
+                args.warmup,
+            )
             records.append(rec)
             if rec["ok"]:
-                extra = "".join(f", {n} {rec[f'{n}_us'] / 1e3:.2f} ms ({rec[f'speedup_vs_{n}']:.1f}x)" for n in args.baselines)
-                print(f"{dtype_name} h_q={h_q}: ours {rec['ours_us'] / 1e3:.2f} ms {rec['ours_gbs']:.1f} GB/s{extra}", flush=True)
+                extra = "".join(
+                    f", {n} {rec[f'{n}_us'] / 1e3:.2f} ms ({rec[f'speedup_vs_{n}']:.1f}x)"
+                    for n in args.baselines
+                )
+                print(
+                    f"{dtype_name} h_q={h_q}: ours {rec['ours_us'] / 1e3:.2f} ms {rec['ours_gbs']:.1f} GB/s{extra}",
+                    flush=True,
+                )
             else:
                 print(f"{dtype_name} h_q={h_q}: FAILED {rec.get('error') or rec['check']}", flush=True)
     md = markdown(meta, records, args.baselines)

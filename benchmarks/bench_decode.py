@@ -64,8 +64,13 @@ class Row:
 
 def grid_rows(b: int = 128) -> List[Row]:
     """FlashMLA's grid, in the anchor CSV's order."""
-    return [Row(s_k, h_q, s_q, bool(v), 64, b, "grid")
-            for s_k in (4096, 8192) for h_q in (16, 32, 64, 128) for s_q in (1, 2) for v in (0, 1)]
+    return [
+        Row(s_k, h_q, s_q, bool(v), 64, b, "grid")
+        for s_k in (4096, 8192)
+        for h_q in (16, 32, 64, 128)
+        for s_q in (1, 2)
+        for v in (0, 1)
+    ]
 
 
 def extra_rows(b: int = 128) -> List[Row]:
@@ -77,9 +82,14 @@ def extra_rows(b: int = 128) -> List[Row]:
 
 
 def quick_rows(b: int = 128) -> List[Row]:
-    return [Row(4096, 16, 1, False, b=b), Row(4096, 128, 1, False, b=b), Row(8192, 64, 1, True, b=b),
-            Row(4096, 128, 2, True, b=b), Row(4096, 16, 1, False, 16, b, "extra"),
-            Row(4096, 128, 8, False, 64, b, "extra")]
+    return [
+        Row(4096, 16, 1, False, b=b),
+        Row(4096, 128, 1, False, b=b),
+        Row(8192, 64, 1, True, b=b),
+        Row(4096, 128, 2, True, b=b),
+        Row(4096, 16, 1, False, 16, b, "extra"),
+        Row(4096, 128, 8, False, 64, b, "extra"),
+    ]
 
 
 def select_rows(which: str, quick: bool, b: int) -> List[Row]:
@@ -90,6 +100,7 @@ def select_rows(which: str, quick: bool, b: int) -> List[Row]:
 
 
 # --------------------------------------------------------------------------------------------------
+
 
 def fake_us(n_flops: float, n_bytes: float) -> float:
     """--dry-run's stand-in time: a roofline at 90% of the copy ceiling / 70% of the matmul ceiling + 5 us."""
@@ -113,9 +124,14 @@ def evaluate_targets(rec: Dict) -> List[str]:
 def base_record(row: Row, anchors: Dict) -> Dict:
     lengths = C.make_seqlens(row.b, row.s_k, row.s_q, row.varlen)
     rec = asdict(row)
-    rec.update(label=row.label(), bound=C.bound_kind(row.h_q, row.s_q), sum_seqlens=sum(lengths),
-               max_seqlen=max(lengths), flops=C.flops(row.b, row.s_q, row.h_q, lengths),
-               bytes=C.bytes_moved(row.b, row.s_q, row.h_q, lengths))
+    rec.update(
+        label=row.label(),
+        bound=C.bound_kind(row.h_q, row.s_q),
+        sum_seqlens=sum(lengths),
+        max_seqlen=max(lengths),
+        flops=C.flops(row.b, row.s_q, row.h_q, lengths),
+        bytes=C.bytes_moved(row.b, row.s_q, row.h_q, lengths),
+    )
     key = row.anchor_key
     fm = anchors["flashmla"].get(key) if key else None
     tr = anchors["triton"].get(key) if key else None
@@ -124,7 +140,9 @@ def base_record(row: Row, anchors: Dict) -> Dict:
     rec["triton16_us"] = tr["triton16_us"] if tr else None
     for name in ("flashmla", "triton4"):
         us = rec[f"{name}_us"]
-        rec[f"{name}_tflops"], rec[f"{name}_gbs"] = C.rates(us, rec["flops"], rec["bytes"]) if us else (None, None)
+        rec[f"{name}_tflops"], rec[f"{name}_gbs"] = (
+            C.rates(us, rec["flops"], rec["bytes"]) if us else (None, None)
+        )
     return rec
 
 
@@ -144,8 +162,17 @@ def run_row(row: Row, anchors: Dict, args, kwargs: dict) -> Dict:
     rec.update(status="ok", us=None)
     graph = None
     try:
-        inp = C.build_inputs(row.b, row.s_q, row.h_q, C.make_seqlens(row.b, row.s_k, row.s_q, row.varlen),
-                             page=row.page, dtype=torch.bfloat16, device="cuda", causal=True, seed=0)
+        inp = C.build_inputs(
+            row.b,
+            row.s_q,
+            row.h_q,
+            C.make_seqlens(row.b, row.s_k, row.s_q, row.varlen),
+            page=row.page,
+            dtype=torch.bfloat16,
+            device="cuda",
+            causal=True,
+            seed=0,
+        )
         # `us` times the attention call alone (as FlashMLA's test does); `step_us` the whole decode
         # step with get_mla_metadata inside the graph.
         step = C.decode_step(inp, kwargs, include_metadata=False)
@@ -162,7 +189,9 @@ def run_row(row: Row, anchors: Dict, args, kwargs: dict) -> Dict:
         rec["timer"] = timer
         rec["times_us"] = {"min": min(times), "max": max(times), "n": len(times)}
         if timer == "graph":
-            full = C.time_cuda_graph(C.decode_step(inp, kwargs, include_metadata=True), args.iters, args.warmup)
+            full = C.time_cuda_graph(
+                C.decode_step(inp, kwargs, include_metadata=True), args.iters, args.warmup
+            )
             rec["step_us"] = full[0]
             del full
         check = C.spot_check(inp, out, lse)
@@ -172,8 +201,10 @@ def run_row(row: Row, anchors: Dict, args, kwargs: dict) -> Dict:
         else:
             finish_record(rec, us)
     except Exception as e:
-        rec.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                   traceback=traceback.format_exc())
+        rec.update(
+            status=f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            traceback=traceback.format_exc(),
+        )
     finally:
         del graph
         gc.collect()
@@ -196,18 +227,37 @@ def cpu_smoke(rows: List[Row], kwargs: dict) -> List[Dict]:
             continue
         seen.add(shape)
         b, s_k = 3, 200  # not a page multiple: live tails inside a block
-        inp = C.build_inputs(b, row.s_q, row.h_q, C.make_seqlens(b, s_k, row.s_q, row.varlen), page=row.page,
-                             dtype=torch.bfloat16, device="cpu", causal=True, seed=0)
+        inp = C.build_inputs(
+            b,
+            row.s_q,
+            row.h_q,
+            C.make_seqlens(b, s_k, row.s_q, row.varlen),
+            page=row.page,
+            dtype=torch.bfloat16,
+            device="cpu",
+            causal=True,
+            seed=0,
+        )
         out, lse = C.decode_step(inp, kwargs)()
         check = C.spot_check(inp, out, lse)
-        results.append({"h_q": row.h_q, "s_q": row.s_q, "varlen": row.varlen, "page": row.page, "b": b,
-                        "seqlens": inp.seqlens, "check": check})
+        results.append(
+            {
+                "h_q": row.h_q,
+                "s_q": row.s_q,
+                "varlen": row.varlen,
+                "page": row.page,
+                "b": b,
+                "seqlens": inp.seqlens,
+                "check": check,
+            }
+        )
     return results
 
 
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
+
 
 def _f(x, fmt="{:.1f}", none="—"):
     return none if x is None else fmt.format(x)
@@ -220,30 +270,37 @@ def geomean(xs: List[float]) -> Optional[float]:
 
 def markdown(meta: Dict, records: List[Dict]) -> str:
     fake = meta.get("dry_run")
-    lines = [f"### Decode: {meta['device_name']}, bf16, {meta['timer_desc']}" + (" — FAKE TIMES (dry run)" if fake else ""),
-             "",
-             f"b=128 (unless noted), d=576, dv=512, h_kv=1, causal; lengths fixed = s_k, varlen ~ max(N(s_k, s_k/2), s_q) "
-             f"(random.seed(0) per row). FLOPs = 2·s_q·Σlen·h_q·(d+dv), bytes = 2·(Σlen·h_kv·d + b·s_q·h_q·(d+dv)). "
-             f"Ceilings {C.CEILING_GBS:.0f} GB/s, {C.CEILING_TFLOPS:.0f} TFLOP/s. FlashMLA / Triton (vLLM, 4 KV splits): "
-             f"anchors measured on H100 80GB HBM3 ({', '.join(Path(p).name for p in meta['anchor_paths'].values() if p)}). "
-             f"Build: `{json.dumps(meta.get('build_info'))}`; kernel: {meta.get('kernel', 'auto')}; "
-             f"torch {meta['torch']}; commit {meta.get('git_commit') or '?'}; {meta['date']}.",
-             "",
-             "`us` times flash_mla_with_kvcache alone (metadata built once outside, as FlashMLA's test does); "
-             "`step us` is the whole decode step with get_mla_metadata inside the graph.",
-             "",
-             "| s_k | h_q | s_q | lengths | page | us | step us | TFLOP/s | GB/s | % BW | % FLOP | FlashMLA us | FlashMLA/ours "
-             "| Triton us | Triton/ours | targets | check |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        f"### Decode: {meta['device_name']}, bf16, {meta['timer_desc']}"
+        + (" — FAKE TIMES (dry run)" if fake else ""),
+        "",
+        f"b=128 (unless noted), d=576, dv=512, h_kv=1, causal; lengths fixed = s_k, varlen ~ max(N(s_k, s_k/2), s_q) "
+        f"(random.seed(0) per row). FLOPs = 2·s_q·Σlen·h_q·(d+dv), bytes = 2·(Σlen·h_kv·d + b·s_q·h_q·(d+dv)). "
+        f"Ceilings {C.CEILING_GBS:.0f} GB/s, {C.CEILING_TFLOPS:.0f} TFLOP/s. FlashMLA / Triton (vLLM, 4 KV splits): "
+        f"anchors measured on H100 80GB HBM3 ({', '.join(Path(p).name for p in meta['anchor_paths'].values() if p)}). "
+        f"Build: `{json.dumps(meta.get('build_info'))}`; kernel: {meta.get('kernel', 'auto')}; "
+        f"torch {meta['torch']}; commit {meta.get('git_commit') or '?'}; {meta['date']}.",
+        "",
+        "`us` times flash_mla_with_kvcache alone (metadata built once outside, as FlashMLA's test does); "
+        "`step us` is the whole decode step with get_mla_metadata inside the graph.",
+        "",
+        "| s_k | h_q | s_q | lengths | page | us | step us | TFLOP/s | GB/s | % BW | % FLOP | FlashMLA us | FlashMLA/ours "
+        "| Triton us | Triton/ours | targets | check |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in records:
-        head = (f"| {r['s_k']} | {r['h_q']} | {r['s_q']} | {'varlen' if r['varlen'] else 'fixed'} | {r['page']}"
-                + ("" if r["b"] == 128 else f" (b={r['b']})"))
+        head = (
+            f"| {r['s_k']} | {r['h_q']} | {r['s_q']} | {'varlen' if r['varlen'] else 'fixed'} | {r['page']}"
+            + ("" if r["b"] == 128 else f" (b={r['b']})")
+        )
         if r.get("us") is None:
             status = r["status"]
             if status == "check failed":
                 c = r["check"]
                 status = f"**check FAILED** (out_err {c['out_err']:.2g}, lse_err {c['lse_err']:.2g}, finite {c['finite']})"
-            lines.append(f"{head} | — | — | — | — | — | — | {_f(r['flashmla_us'])} | — | {_f(r['triton4_us'])} | — | — | {status} |")
+            lines.append(
+                f"{head} | — | — | — | — | — | — | {_f(r['flashmla_us'])} | — | {_f(r['triton4_us'])} | — | — | {status} |"
+            )
             continue
         chk = r.get("check") or {}
         check = "fake" if chk.get("ok") is None else ("ok" if chk["ok"] else "FAIL")
@@ -253,11 +310,15 @@ def markdown(meta: Dict, records: List[Dict]) -> str:
         lines.append(
             f"{head} | {r['us']:.1f} | {_f(r.get('step_us'))} | {r['tflops']:.0f} | {r['gbs']:.0f} | {r['pct_bw']:.0f} | {r['pct_flops']:.0f} "
             f"| {_f(r['flashmla_us'])} | {_f(r['vs_flashmla'], '{:.2f}x')} | {_f(r['triton4_us'])} "
-            f"| {_f(r['vs_triton4'], '{:.2f}x')} | {targets} | {check} |")
+            f"| {_f(r['vs_triton4'], '{:.2f}x')} | {targets} | {check} |"
+        )
     s = meta["summary"]
-    lines += ["", f"Rows timed and checked: {s['rows_ok']}/{s['rows']}; meeting every target: {s['rows_meeting_targets']}. "
-              f"Geometric mean FlashMLA/ours over anchored rows: {_f(s['geomean_vs_flashmla'], '{:.3f}x')} "
-              f"(min {_f(s['min_vs_flashmla'], '{:.3f}x')}); Triton/ours: {_f(s['geomean_vs_triton4'], '{:.2f}x')}."]
+    lines += [
+        "",
+        f"Rows timed and checked: {s['rows_ok']}/{s['rows']}; meeting every target: {s['rows_meeting_targets']}. "
+        f"Geometric mean FlashMLA/ours over anchored rows: {_f(s['geomean_vs_flashmla'], '{:.3f}x')} "
+        f"(min {_f(s['min_vs_flashmla'], '{:.3f}x')}); Triton/ours: {_f(s['geomean_vs_triton4'], '{:.2f}x')}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -265,9 +326,14 @@ def summarize(records: List[Dict]) -> Dict:
     ok = [r for r in records if r.get("us") is not None]
     vs_fm = [r["vs_flashmla"] for r in ok if r.get("vs_flashmla")]
     vs_tr = [r["vs_triton4"] for r in ok if r.get("vs_triton4")]
-    return {"rows": len(records), "rows_ok": len(ok), "rows_meeting_targets": sum(1 for r in ok if not r["target_misses"]),
-            "geomean_vs_flashmla": geomean(vs_fm), "min_vs_flashmla": min(vs_fm) if vs_fm else None,
-            "geomean_vs_triton4": geomean(vs_tr)}
+    return {
+        "rows": len(records),
+        "rows_ok": len(ok),
+        "rows_meeting_targets": sum(1 for r in ok if not r["target_misses"]),
+        "geomean_vs_flashmla": geomean(vs_fm),
+        "min_vs_flashmla": min(vs_fm) if vs_fm else None,
+        "geomean_vs_triton4": geomean(vs_tr),
+    }
 
 
 def plot(records: List[Dict], path: Path, title: str) -> Optional[str]:
@@ -283,9 +349,15 @@ def plot(records: List[Dict], path: Path, title: str) -> Optional[str]:
     x = list(range(len(records)))
     width = 0.27
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.45 * len(records) + 3), 9), sharex=True)
-    for ax, unit, key, ceiling in ((axes[0], "GB/s", "gbs", C.CEILING_GBS), (axes[1], "TFLOP/s", "tflops", C.CEILING_TFLOPS)):
-        series = (("ours", key, "tab:green"), ("FlashMLA", f"flashmla_{key}", "tab:blue"),
-                  ("Triton (4 splits)", f"triton4_{key}", "tab:orange"))
+    for ax, unit, key, ceiling in (
+        (axes[0], "GB/s", "gbs", C.CEILING_GBS),
+        (axes[1], "TFLOP/s", "tflops", C.CEILING_TFLOPS),
+    ):
+        series = (
+            ("ours", key, "tab:green"),
+            ("FlashMLA", f"flashmla_{key}", "tab:blue"),
+            ("Triton (4 splits)", f"triton4_{key}", "tab:orange"),
+        )
         for j, (name, k, color) in enumerate(series):
             vals = [r.get(k) or 0.0 for r in records]
             ax.bar([i + (j - 1) * width for i in x], vals, width, label=name, color=color)
@@ -306,36 +378,55 @@ def plot(records: List[Dict], path: Path, title: str) -> Optional[str]:
 
 def git_commit() -> Optional[str]:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=C.REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=C.REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         return None
 
 
 # --------------------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", choices=("grid", "extra", "all"), default="grid")
     p.add_argument("--quick", action="store_true", help="a few representative rows (of --rows)")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, plot.png")
-    p.add_argument("--device-name", default=None, help="name for the tables (default torch.cuda.get_device_name)")
-    p.add_argument("--kernel", default=None, choices=["auto", "portable", "sm90"],
-                   help="CUDA decode kernel (exported as FLASHMLA_KERNEL; default: the environment's, else auto)")
+    p.add_argument(
+        "--device-name", default=None, help="name for the tables (default torch.cuda.get_device_name)"
+    )
+    p.add_argument(
+        "--kernel",
+        default=None,
+        choices=["auto", "portable", "sm90"],
+        help="CUDA decode kernel (exported as FLASHMLA_KERNEL; default: the environment's, else auto)",
+    )
     p.add_argument("--timer", choices=("graph", "events"), default="graph")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--anchors", default=None, help="directory holding the anchor CSVs (default: searched)")
-    p.add_argument("--dry-run", action="store_true", help="no GPU: FAKE times, plus a CPU smoke test of the pipeline")
+    p.add_argument(
+        "--dry-run", action="store_true", help="no GPU: FAKE times, plus a CPU smoke test of the pipeline"
+    )
     args = p.parse_args(argv)
 
     C.set_kernel_env(args.kernel)
     anchors = C.load_anchors(args.anchors)
     problems = C.check_anchor_consistency(anchors)
     if not anchors["paths"]["flashmla"]:
-        print("warning: FlashMLA anchor CSV not found (looked in " + ", ".join(map(str, C.anchor_dirs())) + ")",
-              file=sys.stderr)
+        print(
+            "warning: FlashMLA anchor CSV not found (looked in " + ", ".join(map(str, C.anchor_dirs())) + ")",
+            file=sys.stderr,
+        )
     for line in problems:
         print("warning: anchor mismatch: " + line, file=sys.stderr)
 
@@ -352,22 +443,41 @@ def main(argv=None) -> int:
 
     if not args.dry_run:
         if not torch.cuda.is_available():
-            print("error: no CUDA device (use --dry-run to exercise the harness without one)", file=sys.stderr)
+            print(
+                "error: no CUDA device (use --dry-run to exercise the harness without one)", file=sys.stderr
+            )
             return 2
         if not (build_info or {}).get("cuda"):
             print("error: flashmla_ops was built without CUDA kernels", file=sys.stderr)
             return 2
-    device_name = args.device_name or (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)")
+    device_name = args.device_name or (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)"
+    )
     meta = {
-        "device_name": device_name, "dry_run": args.dry_run, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "build_info": build_info, "kernel": os.environ.get("FLASHMLA_KERNEL", "auto"),
-        "timer": args.timer, "iters": args.iters, "warmup": args.warmup,
-        "timer_desc": ("FAKE roofline times" if args.dry_run else
-                       ("CUDA-graph replay" if args.timer == "graph" else "CUDA events") + f", median of {args.iters}"),
+        "device_name": device_name,
+        "dry_run": args.dry_run,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "build_info": build_info,
+        "kernel": os.environ.get("FLASHMLA_KERNEL", "auto"),
+        "timer": args.timer,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "timer_desc": (
+            "FAKE roofline times"
+            if args.dry_run
+            else ("CUDA-graph replay" if args.timer == "graph" else "CUDA events")
+            + f", median of {args.iters}"
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_commit": git_commit(), "anchor_paths": anchors["paths"], "anchor_problems": problems,
+        "git_commit": git_commit(),
+        "anchor_paths": anchors["paths"],
+        "anchor_problems": problems,
         "ceilings": {"gbs": C.CEILING_GBS, "tflops": C.CEILING_TFLOPS},
-        "formulas": {"flops": "2*s_q*sum(seqlens)*h_q*(d+dv)", "bytes": "2*(sum(seqlens)*h_kv*d + b*s_q*h_q*(d+dv))"},
+        "formulas": {
+            "flops": "2*s_q*sum(seqlens)*h_q*(d+dv)",
+            "bytes": "2*(sum(seqlens)*h_kv*d + b*s_q*h_q*(d+dv))",
+        },
         "argv": sys.argv[1:],
     }
     if not args.dry_run:
@@ -378,8 +488,11 @@ def main(argv=None) -> int:
     for i, row in enumerate(rows):
         rec = dry_row(row, anchors) if args.dry_run else run_row(row, anchors, args, kwargs)
         records.append(rec)
-        shown = (f"{rec['us']:8.1f} us {rec['tflops']:6.0f} TFLOP/s {rec['gbs']:6.0f} GB/s"
-                 if rec.get("us") is not None else rec["status"])
+        shown = (
+            f"{rec['us']:8.1f} us {rec['tflops']:6.0f} TFLOP/s {rec['gbs']:6.0f} GB/s"
+            if rec.get("us") is not None
+            else rec["status"]
+        )
         vs = f"  FlashMLA/ours {rec['vs_flashmla']:.2f}x" if rec.get("vs_flashmla") else ""
         print(f"[{i + 1}/{len(rows)}] {rec['label']:<18} {shown}{vs}", flush=True)
     meta["summary"] = summarize(records)
@@ -388,7 +501,10 @@ def main(argv=None) -> int:
         smoke = cpu_smoke(rows, kwargs)
         meta["cpu_smoke"] = smoke
         bad = [s for s in smoke if not s["check"]["ok"]]
-        print(f"CPU smoke (shrunk shapes b=3 s_k=200): {len(smoke) - len(bad)}/{len(smoke)} checks ok", flush=True)
+        print(
+            f"CPU smoke (shrunk shapes b=3 s_k=200): {len(smoke) - len(bad)}/{len(smoke)} checks ok",
+            flush=True,
+        )
         for s in bad:
             print(f"  FAILED: {s}", file=sys.stderr)
 
@@ -401,7 +517,11 @@ def main(argv=None) -> int:
         with open(out / "results.json", "w") as f:
             json.dump({"meta": meta, "rows": records}, f, indent=1)
         (out / "results.md").write_text(md)
-        msg = plot(records, out / "plot.png", f"MLA decode, {device_name}, bf16" + (" (FAKE times)" if args.dry_run else ""))
+        msg = plot(
+            records,
+            out / "plot.png",
+            f"MLA decode, {device_name}, bf16" + (" (FAKE times)" if args.dry_run else ""),
+        )
         print(msg or f"wrote {out / 'plot.png'}")
         print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
     failed = [r for r in records if r.get("us") is None]

@@ -51,8 +51,10 @@ TRITON_ANCHOR = "triton_mla_h100_2026-11-25.csv"
 # Lengths and inputs
 # --------------------------------------------------------------------------------------------------
 
-def make_seqlens(b: int, s_k: int, s_q: int, varlen: bool, seed: int = 0,
-                 clip_max: Optional[int] = None) -> List[int]:
+
+def make_seqlens(
+    b: int, s_k: int, s_q: int, varlen: bool, seed: int = 0, clip_max: Optional[int] = None
+) -> List[int]:
     """The cache lengths of one benchmark case, as plain ints.
 
     Fixed: every sequence has ``s_k`` tokens.
@@ -98,9 +100,21 @@ class Inputs:
         return self.q.shape[0]
 
 
-def build_inputs(b: int, s_q: int, h_q: int, seqlens: Sequence[int], page: int = 64, d: int = HEAD_DIM,
-                 dv: int = HEAD_DIM_V, h_kv: int = NUM_HEADS_K, dtype: torch.dtype = torch.bfloat16,
-                 device="cuda", causal: bool = True, seed: int = 0, nan_tail: bool = True) -> Inputs:
+def build_inputs(
+    b: int,
+    s_q: int,
+    h_q: int,
+    seqlens: Sequence[int],
+    page: int = 64,
+    d: int = HEAD_DIM,
+    dv: int = HEAD_DIM_V,
+    h_kv: int = NUM_HEADS_K,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cuda",
+    causal: bool = True,
+    seed: int = 0,
+    nan_tail: bool = True,
+) -> Inputs:
     """Random inputs for one decode step.
 
     q ~ N(0, 1) of shape (b, s_q, h_q, d); the cache holds b * ceil(max(seqlens) / page) blocks of
@@ -116,7 +130,9 @@ def build_inputs(b: int, s_q: int, h_q: int, seqlens: Sequence[int], page: int =
     max_blocks = math.ceil(max_len / page)
     num_blocks = b * max_blocks
     q = torch.randn(b, s_q, h_q, d, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    k_cache = torch.randn(num_blocks, page, h_kv, d, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    k_cache = torch.randn(num_blocks, page, h_kv, d, generator=gen, device=device, dtype=torch.float32).to(
+        dtype
+    )
     perm = torch.randperm(num_blocks, generator=gen, device=device)
     block_table = perm.to(torch.int32).view(b, max_blocks).contiguous()
     cache_seqlens = torch.tensor(list(seqlens), dtype=torch.int32, device=device)
@@ -132,14 +148,25 @@ def build_inputs(b: int, s_q: int, h_q: int, seqlens: Sequence[int], page: int =
 # Formulas (DESIGN §6, FlashMLA's test)
 # --------------------------------------------------------------------------------------------------
 
-def flops(b: int, s_q: int, h_q: int, seqlens: Sequence[int], d: int = HEAD_DIM, dv: int = HEAD_DIM_V) -> float:
+
+def flops(
+    b: int, s_q: int, h_q: int, seqlens: Sequence[int], d: int = HEAD_DIM, dv: int = HEAD_DIM_V
+) -> float:
     """FLOPs = 2 * s_q * sum(seqlens) * h_q * (d + dv). (b enters through seqlens.)"""
     del b
     return 2.0 * s_q * sum(seqlens) * h_q * (d + dv)
 
 
-def bytes_moved(b: int, s_q: int, h_q: int, seqlens: Sequence[int], d: int = HEAD_DIM, dv: int = HEAD_DIM_V,
-                h_kv: int = NUM_HEADS_K, elem_size: int = 2) -> float:
+def bytes_moved(
+    b: int,
+    s_q: int,
+    h_q: int,
+    seqlens: Sequence[int],
+    d: int = HEAD_DIM,
+    dv: int = HEAD_DIM_V,
+    h_kv: int = NUM_HEADS_K,
+    elem_size: int = 2,
+) -> float:
     """bytes = elem_size * (sum(seqlens) * h_kv * d + b * s_q * h_q * (d + dv)); elem_size 2 (bf16) in §6."""
     return float(elem_size) * (sum(seqlens) * h_kv * d + b * s_q * h_q * (d + dv))
 
@@ -159,6 +186,7 @@ def bound_kind(h_q: int, s_q: int) -> str:
 # Anchors
 # --------------------------------------------------------------------------------------------------
 
+
 def anchor_dirs() -> List[Path]:
     """Where anchor CSVs are looked for, in order.
 
@@ -166,8 +194,11 @@ def anchor_dirs() -> List[Path]:
     (the dev machine), then the copy kept in the repo, <repo>/benchmarks/anchors, so the benchmark never
     depends on shared/ being present.
     """
-    return [REPO_ROOT / "shared" / "anchors", REPO_ROOT.parent / "shared" / "anchors",
-            REPO_ROOT / "benchmarks" / "anchors"]
+    return [
+        REPO_ROOT / "shared" / "anchors",
+        REPO_ROOT.parent / "shared" / "anchors",
+        REPO_ROOT / "benchmarks" / "anchors",
+    ]
 
 
 def find_anchor(name: str, override_dir: Optional[str] = None) -> Optional[Path]:
@@ -208,7 +239,9 @@ def load_anchors(override_dir: Optional[str] = None) -> Dict[str, object]:
         table = result[kind]
         for row in rows:
             key = (int(row["b"]), int(row["s_q"]), int(row["s_k"]), int(row["h_q"]), int(row["varlen"]))
-            table[key] = {k: float(v) for k, v in row.items() if k not in ("b", "s_q", "s_k", "h_q", "varlen")}
+            table[key] = {
+                k: float(v) for k, v in row.items() if k not in ("b", "s_q", "s_k", "h_q", "varlen")
+            }
     return result
 
 
@@ -224,8 +257,10 @@ def check_anchor_consistency(anchors: Dict[str, object], tol_rel: float = 1.5e-3
         tf, gb = rates(fig["flashmla_us"], flops(b, s_q, h_q, lengths), bytes_moved(b, s_q, h_q, lengths))
         for name, ours, theirs in (("tflops", tf, fig.get("tflops")), ("gbs", gb, fig.get("gbs"))):
             if theirs is not None and abs(ours - theirs) > 0.5 + tol_rel * theirs:
-                problems.append(f"b={b} s_q={s_q} s_k={s_k} h_q={h_q} varlen={varlen}: {name} "
-                                f"recomputed {ours:.1f} vs anchor {theirs:.0f}")
+                problems.append(
+                    f"b={b} s_q={s_q} s_k={s_k} h_q={h_q} varlen={varlen}: {name} "
+                    f"recomputed {ours:.1f} vs anchor {theirs:.0f}"
+                )
     return problems
 
 
@@ -233,15 +268,26 @@ def check_anchor_consistency(anchors: Dict[str, object], tol_rel: float = 1.5e-3
 # Correctness spot check
 # --------------------------------------------------------------------------------------------------
 
+
 def check_indices(seqlens: Sequence[int]) -> List[int]:
     """A couple of batch entries worth checking: the first, the longest and the shortest."""
-    idx = [0, max(range(len(seqlens)), key=lambda i: seqlens[i]), min(range(len(seqlens)), key=lambda i: seqlens[i])]
+    idx = [
+        0,
+        max(range(len(seqlens)), key=lambda i: seqlens[i]),
+        min(range(len(seqlens)), key=lambda i: seqlens[i]),
+    ]
     return sorted(set(idx))
 
 
-def spot_check(inp: Inputs, out: torch.Tensor, lse: torch.Tensor, indices: Optional[Sequence[int]] = None,
-               compute_dtype: torch.dtype = torch.float32, max_rel_err: Optional[float] = None,
-               lse_atol: Optional[float] = None) -> Dict[str, object]:
+def spot_check(
+    inp: Inputs,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    indices: Optional[Sequence[int]] = None,
+    compute_dtype: torch.dtype = torch.float32,
+    max_rel_err: Optional[float] = None,
+    lse_atol: Optional[float] = None,
+) -> Dict[str, object]:
     """Compares a kernel's (out, lse) with flashmla_ops.reference on a few batch entries.
 
     Errors: ``out_err`` = max|out - ref| / max|ref| over the checked entries, ``lse_err`` = max|lse - ref|,
@@ -261,23 +307,39 @@ def spot_check(inp: Inputs, out: torch.Tensor, lse: torch.Tensor, indices: Optio
     if indices is None:
         indices = check_indices(inp.seqlens)
     idx = torch.tensor(list(indices), device=inp.q.device, dtype=torch.long)
-    ref_out, ref_lse = mla_decode_reference(inp.q[idx], inp.k_cache, inp.block_table[idx], inp.cache_seqlens[idx],
-                                            inp.head_dim_v, causal=inp.causal, compute_dtype=compute_dtype)
+    ref_out, ref_lse = mla_decode_reference(
+        inp.q[idx],
+        inp.k_cache,
+        inp.block_table[idx],
+        inp.cache_seqlens[idx],
+        inp.head_dim_v,
+        causal=inp.causal,
+        compute_dtype=compute_dtype,
+    )
     x, y = out[idx].double(), ref_out.double()
     out_err = ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
     lse_err = (lse[idx].double() - ref_lse.double()).abs().max().item()
     cos_diff = (1 - 2 * (x * y).sum() / (x * x + y * y).sum().clamp_min(1e-30)).item()
     ok = finite and out_err <= max_rel_err and lse_err <= lse_atol and cos_diff <= 1e-5
-    return {"ok": bool(ok), "finite": finite, "out_err": out_err, "lse_err": lse_err, "cos_diff": cos_diff,
-            "indices": list(indices), "tol": {"out_rel": max_rel_err, "lse_abs": lse_atol, "cos_diff": 1e-5}}
+    return {
+        "ok": bool(ok),
+        "finite": finite,
+        "out_err": out_err,
+        "lse_err": lse_err,
+        "cos_diff": cos_diff,
+        "indices": list(indices),
+        "tol": {"out_rel": max_rel_err, "lse_abs": lse_atol, "cos_diff": 1e-5},
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # The decode step and timers
 # --------------------------------------------------------------------------------------------------
 
-def decode_step(inp: Inputs, kwargs: Optional[dict] = None,
-                include_metadata: bool = True) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
+
+def decode_step(
+    inp: Inputs, kwargs: Optional[dict] = None, include_metadata: bool = True
+) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
     """A closure running one decode step: get_mla_metadata then flash_mla_with_kvcache.
 
     With include_metadata=False the metadata is built once, here, and the closure runs only
@@ -297,9 +359,17 @@ def decode_step(inp: Inputs, kwargs: Optional[dict] = None,
 
     def step():
         tile_md, num_splits = metadata() if fixed is None else fixed
-        return flashmla_ops.flash_mla_with_kvcache(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens,
-                                                   inp.head_dim_v, tile_md, num_splits, causal=inp.causal,
-                                                   **kwargs)
+        return flashmla_ops.flash_mla_with_kvcache(
+            inp.q,
+            inp.k_cache,
+            inp.block_table,
+            inp.cache_seqlens,
+            inp.head_dim_v,
+            tile_md,
+            num_splits,
+            causal=inp.causal,
+            **kwargs,
+        )
 
     return step
 
@@ -372,6 +442,7 @@ def time_cpu(fn: Callable[[], object], iters: int = 10, warmup: int = 2) -> Tupl
 # --------------------------------------------------------------------------------------------------
 # Misc
 # --------------------------------------------------------------------------------------------------
+
 
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo, else platform.processor()."""

@@ -6,8 +6,7 @@
 namespace flashmla {
 
 inline void check_rank(const char* op, const at::Tensor& t, const char* name, int64_t rank, const char* shape) {
-  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must have ", rank, " dimensions ", shape, ", got shape ",
-              t.sizes());
+  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must have ", rank, " dimensions ", shape, ", got shape ", t.sizes());
 }
 
 // `t` must be on the device of `ref` (named `ref_name` in the message).

@@ -17,20 +17,16 @@ struct MlaShapes {
 
 // Checks everything that can be checked without reading device memory and returns the sizes.
 // Errors name the argument and say expected vs actual.
-MlaShapes check_fwd_args(const at::Tensor& q, const at::Tensor& k_cache,
-                         const std::optional<at::Tensor>& v_cache, int64_t head_dim_v,
-                         const at::Tensor& cache_seqlens, const at::Tensor& block_table,
-                         double softmax_scale, const at::Tensor& tile_scheduler_metadata,
-                         const at::Tensor& num_splits);
+MlaShapes check_fwd_args(const at::Tensor& q, const at::Tensor& k_cache, const std::optional<at::Tensor>& v_cache,
+                         int64_t head_dim_v, const at::Tensor& cache_seqlens, const at::Tensor& block_table,
+                         double softmax_scale, const at::Tensor& tile_scheduler_metadata, const at::Tensor& num_splits);
 
 // Checks get_mla_metadata's arguments.
-void check_metadata_args(const at::Tensor& cache_seqlens, int64_t num_heads_per_head_k,
-                         int64_t num_heads_k);
+void check_metadata_args(const at::Tensor& cache_seqlens, int64_t num_heads_per_head_k, int64_t num_heads_k);
 
 // Host-side value checks for CPU inputs (CUDA masks these cases on the device instead):
 // lengths in [0, capacity]; block ids of live blocks in [0, num_blocks).
-void check_fwd_values_on_host(const MlaShapes& s, const at::Tensor& cache_seqlens,
-                              const at::Tensor& block_table);
+void check_fwd_values_on_host(const MlaShapes& s, const at::Tensor& cache_seqlens, const at::Tensor& block_table);
 
 // Outputs: out (batch, seqlen_q, num_heads_q, head_dim_v) of q's dtype, softmax_lse
 // (batch, num_heads_q, seqlen_q) float32.

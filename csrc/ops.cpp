@@ -28,8 +28,7 @@ static constexpr int kBuiltSm90 = 1;
 static constexpr int kBuiltSm90 = 0;
 #endif
 
-static struct PyModuleDef flashmla_module = {PyModuleDef_HEAD_INIT, "_C", "flashmla_ops native library", -1,
-                                             nullptr};
+static struct PyModuleDef flashmla_module = {PyModuleDef_HEAD_INIT, "_C", "flashmla_ops native library", -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&flashmla_module);

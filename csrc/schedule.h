@@ -26,9 +26,9 @@
 
 namespace flashmla {
 
-constexpr int kSchedBlockN = 64;      // tokens per scheduling block
-constexpr int kFixedCostBlocks = 5;   // fixed cost of one (sequence, worker) piece, in blocks
-constexpr int kMetadataWidth = 8;     // int32 fields per worker in tile_scheduler_metadata
+constexpr int kSchedBlockN = 64;        // tokens per scheduling block
+constexpr int kFixedCostBlocks = 5;     // fixed cost of one (sequence, worker) piece, in blocks
+constexpr int kMetadataWidth = 8;       // int32 fields per worker in tile_scheduler_metadata
 constexpr int kRowsPerWorkerTile = 64;  // query rows (s_q * heads per KV head) one CUDA worker holds
 
 struct WorkerRange {
@@ -41,8 +41,8 @@ FLASHMLA_HOST_DEVICE inline int sched_blocks(int seqlen) {
 
 // Fills metadata (num_sm_parts x kMetadataWidth) and num_splits (batch + 1) from the lengths.
 // Runs sequentially: on the host for CPU tensors, in one CUDA thread for device tensors.
-FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, int num_sm_parts,
-                                                int* metadata, int* num_splits) {
+FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, int num_sm_parts, int* metadata,
+                                                int* num_splits) {
   long long total_cost = 0;
   for (int i = 0; i < batch; ++i) total_cost += sched_blocks(seqlens[i]) + kFixedCostBlocks;
   const long long payload = (total_cost + num_sm_parts - 1) / num_sm_parts + kFixedCostBlocks;

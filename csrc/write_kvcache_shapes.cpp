@@ -5,8 +5,8 @@
 namespace flashmla {
 constexpr const char* kOp = "write_kvcache";
 
-WriteKvcacheShapes check_write_kvcache_args(const at::Tensor& kv_c, const at::Tensor& k_pe,
-                                            const at::Tensor& k_cache, const at::Tensor& slot_mapping) {
+WriteKvcacheShapes check_write_kvcache_args(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tensor& k_cache,
+                                            const at::Tensor& slot_mapping) {
   check_rank(kOp, kv_c, "kv_c", 2, "(num_tokens, d_c)");
   check_rank(kOp, k_pe, "k_pe", 2, "(num_tokens, d_pe)");
   check_rank(kOp, k_cache, "k_cache", 4, "(num_blocks, page_block_size, 1, d_c + d_pe)");
@@ -33,11 +33,10 @@ WriteKvcacheShapes check_write_kvcache_args(const at::Tensor& kv_c, const at::Te
               ") must equal kv_c.size(0) (", n, "), the number of tokens");
   TORCH_CHECK(k_cache.size(2) == 1, "write_kvcache: k_cache.size(2) (num_heads_k) must be 1, got shape ",
               k_cache.sizes());
-  TORCH_CHECK(k_cache.size(3) == kv_c.size(1) + k_pe.size(1), "write_kvcache: k_cache.size(3) (",
-              k_cache.size(3), ") must equal kv_c.size(1) + k_pe.size(1) (", kv_c.size(1), " + ", k_pe.size(1),
-              ")");
-  TORCH_CHECK(k_cache.stride(3) == 1,
-              "write_kvcache: k_cache must have stride 1 in its last dimension, got ", k_cache.stride(3));
+  TORCH_CHECK(k_cache.size(3) == kv_c.size(1) + k_pe.size(1), "write_kvcache: k_cache.size(3) (", k_cache.size(3),
+              ") must equal kv_c.size(1) + k_pe.size(1) (", kv_c.size(1), " + ", k_pe.size(1), ")");
+  TORCH_CHECK(k_cache.stride(3) == 1, "write_kvcache: k_cache must have stride 1 in its last dimension, got ",
+              k_cache.stride(3));
 
   WriteKvcacheShapes s{};
   s.num_tokens = n;

@@ -22,7 +22,7 @@ struct WriteKvcacheShapes {
 // k_cache all bfloat16, float16 or float32 alike; slot_mapping int64 or int32), devices (all on
 // k_cache's), sizes, and stride 1 in k_cache's last dim. Errors name the argument and say expected vs
 // actual. Slot values are checked by the kernels (CPU: raise; CUDA: skip on the device).
-WriteKvcacheShapes check_write_kvcache_args(const at::Tensor& kv_c, const at::Tensor& k_pe,
-                                            const at::Tensor& k_cache, const at::Tensor& slot_mapping);
+WriteKvcacheShapes check_write_kvcache_args(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tensor& k_cache,
+                                            const at::Tensor& slot_mapping);
 
 }  // namespace flashmla

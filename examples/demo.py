@@ -51,7 +51,7 @@ def make_inputs(batch, s_k, h_q, s_q, device, dtype=torch.bfloat16, seed=0):
     block_table = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(batch, max_blocks)
     for i, n in enumerate(lengths.tolist()):  # the unused tail must never be read
         for j in range(n // PAGE, max_blocks):
-            k_cache[block_table[i, j], max(0, n - j * PAGE):] = float("nan")
+            k_cache[block_table[i, j], max(0, n - j * PAGE) :] = float("nan")
     to = dict(device=device)
     return q.to(**to), k_cache.to(**to), block_table.to(**to), lengths.to(torch.int32).to(**to)
 
@@ -80,25 +80,29 @@ def main():
 
     def step():
         metadata, num_splits = flashmla_ops.get_mla_metadata(cache_seqlens, s_q * h_q // H_KV, H_KV)
-        return flashmla_ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, metadata,
-                                                   num_splits, causal=True)
+        return flashmla_ops.flash_mla_with_kvcache(
+            q, k_cache, block_table, cache_seqlens, DV, metadata, num_splits, causal=True
+        )
 
     out, lse = step()
 
     # Check against the float64 reference (every sequence on CPU; 8 of them on CUDA, for speed).
     idx = torch.arange(batch) if not cuda else torch.linspace(0, batch - 1, min(batch, 8)).long()
     idx = idx.to(device)
-    ref_out, ref_lse = mla_decode_reference(q[idx], k_cache, block_table[idx], cache_seqlens[idx], DV,
-                                            causal=True, compute_dtype=torch.float64)
+    ref_out, ref_lse = mla_decode_reference(
+        q[idx], k_cache, block_table[idx], cache_seqlens[idx], DV, causal=True, compute_dtype=torch.float64
+    )
     got = out[idx].double()
     bad = ~((got - ref_out).abs() <= ATOL + RTOL * ref_out.abs())
     out_err = (got - ref_out).abs().max().item()
     lse_err = (lse[idx].double() - ref_lse.double()).abs().max().item()
     finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
     ok = finite and not bool(bad.any()) and lse_err <= LSE_ATOL
-    print(f"check vs float64 reference on {len(idx)}/{batch} sequences: max |out - ref| {out_err:.2e} "
-          f"(tolerance {ATOL:g} + {RTOL:g}*|ref|), max |lse - ref| {lse_err:.2e} (tolerance {LSE_ATOL:g}), "
-          f"all finite: {finite} -> {'OK' if ok else 'MISMATCH'}")
+    print(
+        f"check vs float64 reference on {len(idx)}/{batch} sequences: max |out - ref| {out_err:.2e} "
+        f"(tolerance {ATOL:g} + {RTOL:g}*|ref|), max |lse - ref| {lse_err:.2e} (tolerance {LSE_ATOL:g}), "
+        f"all finite: {finite} -> {'OK' if ok else 'MISMATCH'}"
+    )
 
     # Time the decode step: median of `iters` calls after warm-up.
     for _ in range(3):
@@ -106,7 +110,9 @@ def main():
     times = []
     if cuda:
         torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
+        ]
         for start, end in events:
             start.record()
             step()
@@ -121,9 +127,11 @@ def main():
     median = statistics.median(times)
     total = int(cache_seqlens.sum())
     kv_bytes = total * H_KV * D * k_cache.element_size()
-    print(f"decode step b={batch} s_q={s_q} h_q={h_q} d={D} dv={DV} page={PAGE} bf16, {total} cached tokens "
-          f"(mean {total / batch:.0f}): median {median * 1e3:.3f} ms over {iters} calls, "
-          f"KV read {kv_bytes / median / 1e9:.1f} GB/s")
+    print(
+        f"decode step b={batch} s_q={s_q} h_q={h_q} d={D} dv={DV} page={PAGE} bf16, {total} cached tokens "
+        f"(mean {total / batch:.0f}): median {median * 1e3:.3f} ms over {iters} calls, "
+        f"KV read {kv_bytes / median / 1e9:.1f} GB/s"
+    )
     return 0 if ok else 1
 
 

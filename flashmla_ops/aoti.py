@@ -82,8 +82,12 @@ def compiler_links_libstdcxx_statically(cxx: str, extra_args: tuple = ()) -> Opt
         with open(src, "w") as f:
             f.write(_PROBE_SOURCE)
         try:
-            subprocess.run([*shlex.split(cxx), "-shared", "-fPIC", src, "-o", lib, *extra_args],
-                           check=True, capture_output=True, timeout=300)
+            subprocess.run(
+                [*shlex.split(cxx), "-shared", "-fPIC", src, "-o", lib, *extra_args],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
             with open(lib, "rb") as f:
                 needed = elf_needed(f.read())
         except (OSError, subprocess.SubprocessError):

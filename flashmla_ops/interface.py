@@ -78,12 +78,22 @@ def flash_mla_with_kvcache(
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
     return torch.ops.flashmla.fwd_kvcache_mla.default(
-        q, k_cache, None, head_dim_v, cache_seqlens, block_table, float(softmax_scale), causal,
-        tile_scheduler_metadata, num_splits,
+        q,
+        k_cache,
+        None,
+        head_dim_v,
+        cache_seqlens,
+        block_table,
+        float(softmax_scale),
+        causal,
+        tile_scheduler_metadata,
+        num_splits,
     )
 
 
-def write_kvcache(kv_c: torch.Tensor, k_pe: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kvcache(
+    kv_c: torch.Tensor, k_pe: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Writes new tokens' latent vectors into the paged cache, in place.
 
     Args:

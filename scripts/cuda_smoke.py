@@ -51,8 +51,9 @@ def check_one(b, s_q, h_q, h_k, d, dv, page, max_len, causal, dtype):
     q, k, table, lens = make_inputs(b, s_q, h_q, h_k, d, page, max_len, dtype)
     dev = "cuda"
     md, ns = flashmla_ops.get_mla_metadata(lens.to(dev), s_q * h_q // h_k, h_k)
-    out, lse = flashmla_ops.flash_mla_with_kvcache(q.to(dev), k.to(dev), table.to(dev), lens.to(dev), dv, md, ns,
-                                                   causal=causal)
+    out, lse = flashmla_ops.flash_mla_with_kvcache(
+        q.to(dev), k.to(dev), table.to(dev), lens.to(dev), dv, md, ns, causal=causal
+    )
     ref, ref_lse = mla_decode_reference(q, k, table, lens, dv, causal=causal)
     low, _ = mla_decode_reference(q, k, table, lens, dv, causal=causal, compute_dtype=None)
     err = ((out.cpu().double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -61,9 +62,11 @@ def check_one(b, s_q, h_q, h_k, d, dv, page, max_len, causal, dtype):
     same_inf = torch.equal(torch.isinf(lse_c), torch.isinf(ref_lse))
     lse_err = (lse_c - ref_lse).nan_to_num(0, 0, 0).abs().max().item()
     ok = torch.isfinite(out).all().item() and same_inf and err <= 2 * base + 1e-4 and lse_err < 1e-2
-    print(f"{'OK ' if ok else 'BAD'} [{os.environ['FLASHMLA_KERNEL']:8s}] b={b} s_q={s_q} h_q={h_q} h_k={h_k} d={d} dv={dv} page={page} len<={max_len} "
-          f"causal={causal} {dtype}: err {err:.2e} (same-precision torch {base:.2e}) lse err {lse_err:.1e} "
-          f"parts={md.shape[0]}")
+    print(
+        f"{'OK ' if ok else 'BAD'} [{os.environ['FLASHMLA_KERNEL']:8s}] b={b} s_q={s_q} h_q={h_q} h_k={h_k} d={d} dv={dv} page={page} len<={max_len} "
+        f"causal={causal} {dtype}: err {err:.2e} (same-precision torch {base:.2e}) lse err {lse_err:.1e} "
+        f"parts={md.shape[0]}"
+    )
     return ok
 
 
@@ -104,8 +107,10 @@ def bench(b, s_q, h_q, s_k, varlen=False, dtype=torch.bfloat16, d=576, dv=512, p
     total = sum(lens)
     flops = 2 * s_q * total * h_q * (d + dv)
     nbytes = 2 * (total * d + b * s_q * h_q * (d + dv))
-    print(f"[{os.environ.get('FLASHMLA_KERNEL', 'auto'):8s}] b={b} s_q={s_q} h_q={h_q} s_k={s_k} varlen={varlen}: {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s  "
-          f"{nbytes / us / 1e3:6.0f} GB/s")
+    print(
+        f"[{os.environ.get('FLASHMLA_KERNEL', 'auto'):8s}] b={b} s_q={s_q} h_q={h_q} s_k={s_k} varlen={varlen}: {us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s  "
+        f"{nbytes / us / 1e3:6.0f} GB/s"
+    )
 
 
 def main():

@@ -18,9 +18,11 @@ import flashmla_ops  # noqa: E402,F401  (registers torch.ops.flashmla.* before a
 
 def pytest_report_header(config):
     info = flashmla_ops.build_info()
-    return (f"flashmla_ops build: cuda={info['cuda']} sm90={info['sm90']} archs={info['cuda_archs']}; "
-            f"torch {info['torch']} (built with {info['built_with_torch']}); "
-            f"GPU visible: {info['cuda_available']}; intra-op threads: {torch.get_num_threads()}")
+    return (
+        f"flashmla_ops build: cuda={info['cuda']} sm90={info['sm90']} archs={info['cuda_archs']}; "
+        f"torch {info['torch']} (built with {info['built_with_torch']}); "
+        f"GPU visible: {info['cuda_available']}; intra-op threads: {torch.get_num_threads()}"
+    )
 
 
 @pytest.fixture(autouse=True)

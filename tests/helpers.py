@@ -27,6 +27,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Devices and dtypes
 # ----------------------------------------------------------------------------------------------
 
+
 def cuda_usable() -> bool:
     return torch.cuda.is_available() and flashmla_ops.build_info()["cuda"]
 
@@ -86,6 +87,7 @@ def num_threads(n: int):
 # Inputs
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class DecodeInputs:
     q: torch.Tensor  # (batch, seq_len_q, num_heads_q, head_dim)
@@ -143,20 +145,43 @@ class DecodeInputs:
         """The kernel: flash_mla_with_kvcache with metadata built now (or the given one)."""
         md, splits = self.metadata() if metadata is None else metadata
         return flashmla_ops.flash_mla_with_kvcache(
-            self.q, self.k_cache, self.block_table, self.cache_seqlens, self.head_dim_v, md, splits,
-            softmax_scale=self.softmax_scale, causal=self.causal,
+            self.q,
+            self.k_cache,
+            self.block_table,
+            self.cache_seqlens,
+            self.head_dim_v,
+            md,
+            splits,
+            softmax_scale=self.softmax_scale,
+            causal=self.causal,
         )
 
     def op_args(self, metadata=None):
         """Positional arguments of torch.ops.flashmla.fwd_kvcache_mla."""
         md, splits = self.metadata() if metadata is None else metadata
-        return (self.q, self.k_cache, None, self.head_dim_v, self.cache_seqlens, self.block_table,
-                float(self.scale), self.causal, md, splits)
+        return (
+            self.q,
+            self.k_cache,
+            None,
+            self.head_dim_v,
+            self.cache_seqlens,
+            self.block_table,
+            float(self.scale),
+            self.causal,
+            md,
+            splits,
+        )
 
     def reference(self, compute_dtype: Optional[torch.dtype] = torch.float64):
         return mla_decode_reference(
-            self.q, self.k_cache, self.block_table, self.cache_seqlens, self.head_dim_v,
-            softmax_scale=self.softmax_scale, causal=self.causal, compute_dtype=compute_dtype,
+            self.q,
+            self.k_cache,
+            self.block_table,
+            self.cache_seqlens,
+            self.head_dim_v,
+            softmax_scale=self.softmax_scale,
+            causal=self.causal,
+            compute_dtype=compute_dtype,
         )
 
     def visible_counts(self) -> torch.Tensor:
@@ -259,6 +284,7 @@ def make_decode_inputs(
 # Comparisons
 # ----------------------------------------------------------------------------------------------
 
+
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.numel() == 0:
         return 0.0
@@ -282,8 +308,9 @@ def check_empty_rows(inp: DecodeInputs, out: torch.Tensor, lse: torch.Tensor) ->
     assert not torch.isnan(out).any(), "out must not contain NaN (dead cache slots were read)"
 
 
-def check_against_reference(inp: DecodeInputs, out: torch.Tensor, lse: torch.Tensor,
-                            ref=None, ref_low=None) -> None:
+def check_against_reference(
+    inp: DecodeInputs, out: torch.Tensor, lse: torch.Tensor, ref=None, ref_low=None
+) -> None:
     """Compares a kernel's (out, lse) with the float64 reference (see tests/test_correctness.py).
 
     fp32: max |out - ref| <= 1e-5 * max |ref| (+1e-7), lse to 1e-5 relative.

@@ -25,15 +25,37 @@ from helpers import (
 
 FWD = torch.ops.flashmla.fwd_kvcache_mla.default
 METADATA = torch.ops.flashmla.get_mla_metadata.default
-ARG_NAMES = ["q", "k_cache", "v_cache", "head_dim_v", "cache_seqlens", "block_table", "softmax_scale", "causal",
-             "tile_scheduler_metadata", "num_splits"]
+ARG_NAMES = [
+    "q",
+    "k_cache",
+    "v_cache",
+    "head_dim_v",
+    "cache_seqlens",
+    "block_table",
+    "softmax_scale",
+    "causal",
+    "tile_scheduler_metadata",
+    "num_splits",
+]
 
 
 def valid_args(device, dtype=torch.bfloat16, **kwargs) -> dict:
     """A valid call of fwd_kvcache_mla (batch 3, 2 KV heads, page 16), as a dict of named arguments."""
-    params = dict(batch=3, seq_len_q=2, num_heads_q=4, num_heads_k=2, head_dim=40, head_dim_v=32,
-                  page_block_size=16, dtype=dtype, device=device, max_seqlen=40, lengths=[0, 17, 40], causal=True,
-                  seed=seed_for("bad", device, dtype))
+    params = dict(
+        batch=3,
+        seq_len_q=2,
+        num_heads_q=4,
+        num_heads_k=2,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=16,
+        dtype=dtype,
+        device=device,
+        max_seqlen=40,
+        lengths=[0, 17, 40],
+        causal=True,
+        seed=seed_for("bad", device, dtype),
+    )
     params.update(kwargs)
     inp = make_decode_inputs(**params)
     return dict(zip(ARG_NAMES, inp.op_args()))
@@ -51,10 +73,12 @@ def call_fake(args: dict):
 
 def replace(**changes):
     """A case that replaces arguments; callables get the current args and the device."""
+
     def apply(args, device):
         for name, value in changes.items():
             args[name] = value(args, device) if callable(value) else value
         return args
+
     return apply
 
 
@@ -66,51 +90,129 @@ def _metadata_for(lengths, args, device=None):
 
 # Errors that every device raises, and so does the fake. (id, change, regex the message must match)
 SHAPE_CASES = [
-    ("q-dtype-float64", replace(q=lambda a, d: a["q"].double(), k_cache=lambda a, d: a["k_cache"].double()),
-     r"q must be bfloat16"),  # "..., float16 or float32" on CPU; CUDA has no float32
+    (
+        "q-dtype-float64",
+        replace(q=lambda a, d: a["q"].double(), k_cache=lambda a, d: a["k_cache"].double()),
+        r"q must be bfloat16",
+    ),  # "..., float16 or float32" on CPU; CUDA has no float32
     ("q-dtype-int", replace(q=lambda a, d: a["q"].to(torch.int32)), r"q must be"),
     ("k_cache-dtype-differs", replace(k_cache=lambda a, d: a["k_cache"].half()), r"k_cache dtype"),
     ("v_cache-given", replace(v_cache=lambda a, d: a["k_cache"]), r"v_cache must be None"),
     ("q-rank-3", replace(q=lambda a, d: a["q"][:, 0]), r"q must have 4 dimensions"),
-    ("k_cache-rank-3", replace(k_cache=lambda a, d: a["k_cache"][:, :, 0]), r"k_cache must have 4 dimensions"),
-    ("block_table-rank-1", replace(block_table=lambda a, d: a["block_table"].flatten()),
-     r"block_table must have 2 dimensions"),
-    ("cache_seqlens-rank-2", replace(cache_seqlens=lambda a, d: a["cache_seqlens"][:, None]),
-     r"cache_seqlens must have 1 dimension"),
-    ("metadata-rank-1", replace(tile_scheduler_metadata=lambda a, d: a["tile_scheduler_metadata"].flatten()),
-     r"tile_scheduler_metadata must have 2 dimensions"),
-    ("num_splits-rank-2", replace(num_splits=lambda a, d: a["num_splits"][None]), r"num_splits must have 1 dimension"),
-    ("block_table-int64", replace(block_table=lambda a, d: a["block_table"].long()), r"block_table must be int32"),
-    ("cache_seqlens-int64", replace(cache_seqlens=lambda a, d: a["cache_seqlens"].long()),
-     r"cache_seqlens must be int32"),
-    ("metadata-int64", replace(tile_scheduler_metadata=lambda a, d: a["tile_scheduler_metadata"].long()),
-     r"tile_scheduler_metadata must be int32"),
-    ("num_splits-int64", replace(num_splits=lambda a, d: a["num_splits"].long()), r"num_splits must be int32"),
-    ("head_dim-differs", replace(k_cache=lambda a, d: torch.nn.functional.pad(a["k_cache"], (0, 8))),
-     r"k_cache head_dim"),
+    (
+        "k_cache-rank-3",
+        replace(k_cache=lambda a, d: a["k_cache"][:, :, 0]),
+        r"k_cache must have 4 dimensions",
+    ),
+    (
+        "block_table-rank-1",
+        replace(block_table=lambda a, d: a["block_table"].flatten()),
+        r"block_table must have 2 dimensions",
+    ),
+    (
+        "cache_seqlens-rank-2",
+        replace(cache_seqlens=lambda a, d: a["cache_seqlens"][:, None]),
+        r"cache_seqlens must have 1 dimension",
+    ),
+    (
+        "metadata-rank-1",
+        replace(tile_scheduler_metadata=lambda a, d: a["tile_scheduler_metadata"].flatten()),
+        r"tile_scheduler_metadata must have 2 dimensions",
+    ),
+    (
+        "num_splits-rank-2",
+        replace(num_splits=lambda a, d: a["num_splits"][None]),
+        r"num_splits must have 1 dimension",
+    ),
+    (
+        "block_table-int64",
+        replace(block_table=lambda a, d: a["block_table"].long()),
+        r"block_table must be int32",
+    ),
+    (
+        "cache_seqlens-int64",
+        replace(cache_seqlens=lambda a, d: a["cache_seqlens"].long()),
+        r"cache_seqlens must be int32",
+    ),
+    (
+        "metadata-int64",
+        replace(tile_scheduler_metadata=lambda a, d: a["tile_scheduler_metadata"].long()),
+        r"tile_scheduler_metadata must be int32",
+    ),
+    (
+        "num_splits-int64",
+        replace(num_splits=lambda a, d: a["num_splits"].long()),
+        r"num_splits must be int32",
+    ),
+    (
+        "head_dim-differs",
+        replace(k_cache=lambda a, d: torch.nn.functional.pad(a["k_cache"], (0, 8))),
+        r"k_cache head_dim",
+    ),
     ("head_dim_v-above-head_dim", replace(head_dim_v=41), r"head_dim_v"),
     ("head_dim_v-zero", replace(head_dim_v=0), r"head_dim_v"),
-    ("num_heads_q-not-multiple", replace(q=lambda a, d: a["q"][:, :, :3]), r"num_heads_q .*multiple of num_heads_k"),
-    ("block_table-batch", replace(block_table=lambda a, d: torch.cat([a["block_table"]] * 2)), r"block_table batch size"),
-    ("cache_seqlens-batch", replace(cache_seqlens=lambda a, d: a["cache_seqlens"][:2]), r"cache_seqlens size"),
+    (
+        "num_heads_q-not-multiple",
+        replace(q=lambda a, d: a["q"][:, :, :3]),
+        r"num_heads_q .*multiple of num_heads_k",
+    ),
+    (
+        "block_table-batch",
+        replace(block_table=lambda a, d: torch.cat([a["block_table"]] * 2)),
+        r"block_table batch size",
+    ),
+    (
+        "cache_seqlens-batch",
+        replace(cache_seqlens=lambda a, d: a["cache_seqlens"][:2]),
+        r"cache_seqlens size",
+    ),
     ("num_splits-batch", replace(num_splits=lambda a, d: _metadata_for([0, 17, 40, 3], a)[1]), r"num_splits"),
-    ("metadata-width-7", replace(tile_scheduler_metadata=lambda a, d: a["tile_scheduler_metadata"][:, :7]),
-     r"tile_scheduler_metadata must have shape"),
-    ("metadata-width-9", replace(tile_scheduler_metadata=lambda a, d: torch.nn.functional.pad(
-        a["tile_scheduler_metadata"], (0, 1))), r"tile_scheduler_metadata must have shape"),
+    (
+        "metadata-width-7",
+        replace(tile_scheduler_metadata=lambda a, d: a["tile_scheduler_metadata"][:, :7]),
+        r"tile_scheduler_metadata must have shape",
+    ),
+    (
+        "metadata-width-9",
+        replace(
+            tile_scheduler_metadata=lambda a, d: torch.nn.functional.pad(a["tile_scheduler_metadata"], (0, 1))
+        ),
+        r"tile_scheduler_metadata must have shape",
+    ),
     # Rules the fake must repeat too, though they need a closer look at the tensors.
-    ("q-last-dim-stride", replace(q=lambda a, d: torch.repeat_interleave(a["q"], 2, dim=-1)[..., ::2]),
-     r"q must have stride 1 in its last dimension"),
-    ("k_cache-last-dim-stride", replace(k_cache=lambda a, d: torch.repeat_interleave(a["k_cache"], 2, dim=-1)[..., ::2]),
-     r"k_cache must have stride 1 in its last dimension"),
-    ("empty-batch", replace(q=lambda a, d: a["q"][:0], block_table=lambda a, d: a["block_table"][:0],
-                            cache_seqlens=lambda a, d: a["cache_seqlens"][:0],
-                            num_splits=lambda a, d: a["num_splits"][:1]), r"batch"),
-    ("metadata-zero-workers", replace(tile_scheduler_metadata=lambda a, d: a["tile_scheduler_metadata"][:0]),
-     r"tile_scheduler_metadata must have shape \(num_sm_parts >= 1"),
-    ("block_table-no-columns", replace(block_table=lambda a, d: a["block_table"][:, :0],
-                                       cache_seqlens=lambda a, d: torch.zeros_like(a["cache_seqlens"])),
-     r"block_table must have at least one column"),
+    (
+        "q-last-dim-stride",
+        replace(q=lambda a, d: torch.repeat_interleave(a["q"], 2, dim=-1)[..., ::2]),
+        r"q must have stride 1 in its last dimension",
+    ),
+    (
+        "k_cache-last-dim-stride",
+        replace(k_cache=lambda a, d: torch.repeat_interleave(a["k_cache"], 2, dim=-1)[..., ::2]),
+        r"k_cache must have stride 1 in its last dimension",
+    ),
+    (
+        "empty-batch",
+        replace(
+            q=lambda a, d: a["q"][:0],
+            block_table=lambda a, d: a["block_table"][:0],
+            cache_seqlens=lambda a, d: a["cache_seqlens"][:0],
+            num_splits=lambda a, d: a["num_splits"][:1],
+        ),
+        r"batch",
+    ),
+    (
+        "metadata-zero-workers",
+        replace(tile_scheduler_metadata=lambda a, d: a["tile_scheduler_metadata"][:0]),
+        r"tile_scheduler_metadata must have shape \(num_sm_parts >= 1",
+    ),
+    (
+        "block_table-no-columns",
+        replace(
+            block_table=lambda a, d: a["block_table"][:, :0],
+            cache_seqlens=lambda a, d: torch.zeros_like(a["cache_seqlens"]),
+        ),
+        r"block_table must have at least one column",
+    ),
     ("softmax_scale-zero", replace(softmax_scale=0.0), r"softmax_scale"),
     ("softmax_scale-nan", replace(softmax_scale=float("nan")), r"softmax_scale"),
     ("softmax_scale-negative", replace(softmax_scale=-0.1), r"softmax_scale"),
@@ -149,23 +251,39 @@ def test_valid_args_pass():
 # ----------------------------------------------------------------------------------------------
 
 METADATA_CASES = [
-    ("cache_seqlens-rank-2", torch.zeros(2, 2, dtype=torch.int32), 16, 1, r"cache_seqlens must have 1 dimension"),
+    (
+        "cache_seqlens-rank-2",
+        torch.zeros(2, 2, dtype=torch.int32),
+        16,
+        1,
+        r"cache_seqlens must have 1 dimension",
+    ),
     ("cache_seqlens-int64", torch.zeros(2, dtype=torch.int64), 16, 1, r"cache_seqlens must be int32"),
     ("cache_seqlens-float", torch.zeros(2, dtype=torch.float32), 16, 1, r"cache_seqlens must be int32"),
     ("empty-batch", torch.zeros(0, dtype=torch.int32), 16, 1, r"cache_seqlens is empty"),
-    ("num_heads_per_head_k-zero", torch.zeros(2, dtype=torch.int32), 0, 1, r"num_heads_per_head_k must be >= 1"),
+    (
+        "num_heads_per_head_k-zero",
+        torch.zeros(2, dtype=torch.int32),
+        0,
+        1,
+        r"num_heads_per_head_k must be >= 1",
+    ),
     ("num_heads_k-zero", torch.zeros(2, dtype=torch.int32), 16, 0, r"num_heads_k must be >= 1"),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case,lens,per_head_k,heads_k,match", METADATA_CASES, ids=[c[0] for c in METADATA_CASES])
+@pytest.mark.parametrize(
+    "case,lens,per_head_k,heads_k,match", METADATA_CASES, ids=[c[0] for c in METADATA_CASES]
+)
 def test_metadata_bad_args_raise(device, case, lens, per_head_k, heads_k, match):
     with pytest.raises(RuntimeError, match=match):
         METADATA(lens.to(device), per_head_k, heads_k)
 
 
-@pytest.mark.parametrize("case,lens,per_head_k,heads_k,match", METADATA_CASES, ids=[c[0] for c in METADATA_CASES])
+@pytest.mark.parametrize(
+    "case,lens,per_head_k,heads_k,match", METADATA_CASES, ids=[c[0] for c in METADATA_CASES]
+)
 def test_metadata_bad_args_raise_in_fake(case, lens, per_head_k, heads_k, match):
     with FakeTensorMode() as mode:
         with pytest.raises(RuntimeError, match=match):
@@ -197,16 +315,32 @@ def cpu_args_with(lengths=None, table_changes=(), metadata_lengths=None):
 
 CPU_VALUE_CASES = [
     ("negative-length", dict(lengths=[0, -1, 40]), r"cache_seqlens\[1\] = -1 is negative"),
-    ("length-beyond-capacity", dict(lengths=[0, 17, 65]),  # capacity = 4 columns x 16
-     r"cache_seqlens\[2\] = 65 exceeds the block_table capacity .* = 64"),
-    ("live-block-id-too-large", dict(table_changes=[(1, 1, "num_blocks")]),
-     r"block_table\[1, 1\] = \d+ holds live tokens of sequence 1 but is outside \[0, num_blocks = \d+\)"),
+    (
+        "length-beyond-capacity",
+        dict(lengths=[0, 17, 65]),  # capacity = 4 columns x 16
+        r"cache_seqlens\[2\] = 65 exceeds the block_table capacity .* = 64",
+    ),
+    (
+        "live-block-id-too-large",
+        dict(table_changes=[(1, 1, "num_blocks")]),
+        r"block_table\[1, 1\] = \d+ holds live tokens of sequence 1 but is outside \[0, num_blocks = \d+\)",
+    ),
     ("live-block-id-negative", dict(table_changes=[(2, 0, -1)]), r"block_table\[2, 0\] = -1 .*outside"),
-    ("live-block-id-junk", dict(table_changes=[(2, 2, JUNK_BLOCK_ID)]), rf"block_table\[2, 2\] = {JUNK_BLOCK_ID}"),
-    ("stale-metadata-other-lengths", dict(metadata_lengths=[5, 17, 300]),
-     r"tile_scheduler_metadata / num_splits do not match cache_seqlens"),
-    ("stale-metadata-after-lengths-change", dict(lengths=[0, 16, 39], metadata_lengths=[0, 17, 40]),
-     r"do not match cache_seqlens"),
+    (
+        "live-block-id-junk",
+        dict(table_changes=[(2, 2, JUNK_BLOCK_ID)]),
+        rf"block_table\[2, 2\] = {JUNK_BLOCK_ID}",
+    ),
+    (
+        "stale-metadata-other-lengths",
+        dict(metadata_lengths=[5, 17, 300]),
+        r"tile_scheduler_metadata / num_splits do not match cache_seqlens",
+    ),
+    (
+        "stale-metadata-after-lengths-change",
+        dict(lengths=[0, 16, 39], metadata_lengths=[0, 17, 40]),
+        r"do not match cache_seqlens",
+    ),
 ]
 
 
@@ -277,16 +411,38 @@ def test_cuda_float32_raises():
 def _masked_case_inputs(device):
     """Finite junk (poison=False) and full tables, so that a length clamped to the capacity reads
     only real tokens and every check below has one exact expected answer."""
-    return make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=4, num_heads_k=2, head_dim=40, head_dim_v=32,
-                              page_block_size=16, dtype=torch.bfloat16, device=device, lengths=[48, 20, 33, 48],
-                              max_seqlen=48, extra_table_columns=0, causal=True, poison=False,
-                              seed=seed_for("masked", device))
+    return make_decode_inputs(
+        batch=4,
+        seq_len_q=2,
+        num_heads_q=4,
+        num_heads_k=2,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=16,
+        dtype=torch.bfloat16,
+        device=device,
+        lengths=[48, 20, 33, 48],
+        max_seqlen=48,
+        extra_table_columns=0,
+        causal=True,
+        poison=False,
+        seed=seed_for("masked", device),
+    )
 
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", ["negative-length", "length-beyond-capacity", "block-id-out-of-range",
-                                  "block-id-negative", "block-id-junk", "first-block-out-of-range"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "negative-length",
+        "length-beyond-capacity",
+        "block-id-out-of-range",
+        "block-id-negative",
+        "block-id-junk",
+        "first-block-out-of-range",
+    ],
+)
 def test_cuda_bad_values_are_masked(case):
     """CUDA masks invalid values on the device: a negative length counts as 0, a length beyond
     capacity as the capacity, and tokens of an out-of-range block are skipped."""
@@ -307,8 +463,12 @@ def test_cuda_bad_values_are_masked(case):
         # Break the last live block of sequence 2 (length 33: tokens 32 are in block 2): its tokens are
         # skipped, which is the same as the sequence ending at 32. For "first-block-...", break block 0
         # of sequence 1 (length 20): the tokens 0..15 are skipped; token 16..19 remain.
-        bad = {"block-id-out-of-range": num_blocks, "block-id-negative": -1, "block-id-junk": JUNK_BLOCK_ID,
-               "first-block-out-of-range": num_blocks + 3}[case]
+        bad = {
+            "block-id-out-of-range": num_blocks,
+            "block-id-negative": -1,
+            "block-id-junk": JUNK_BLOCK_ID,
+            "first-block-out-of-range": num_blocks + 3,
+        }[case]
         if case == "first-block-out-of-range":
             table[1, 0] = bad
         else:
@@ -316,8 +476,9 @@ def test_cuda_bad_values_are_masked(case):
             expect_lens[2] = 32
     cache_seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     md, splits = flashmla_ops.get_mla_metadata(cache_seqlens, inp.num_heads_per_head_k, inp.num_heads_k)
-    out, lse = flashmla_ops.flash_mla_with_kvcache(inp.q, inp.k_cache, table, cache_seqlens, inp.head_dim_v, md,
-                                                   splits, causal=True)
+    out, lse = flashmla_ops.flash_mla_with_kvcache(
+        inp.q, inp.k_cache, table, cache_seqlens, inp.head_dim_v, md, splits, causal=True
+    )
     torch.cuda.synchronize()
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     if case == "first-block-out-of-range":
@@ -331,13 +492,16 @@ def test_cuda_bad_values_are_masked(case):
         sub_ref = sub.reference()
         check_against_reference(sub, out[1:2], lse[1:2], ref=sub_ref)
         return
-    expect = dataclasses.replace(inp, cache_seqlens=torch.tensor(expect_lens, dtype=torch.int32, device="cuda"))
+    expect = dataclasses.replace(
+        inp, cache_seqlens=torch.tensor(expect_lens, dtype=torch.int32, device="cuda")
+    )
     check_against_reference(expect, out, lse)
 
 
 def check_rows(inp, out, lse, ref, rows):
-    sub = dataclasses.replace(inp, q=inp.q[rows], block_table=inp.block_table[rows],
-                              cache_seqlens=inp.cache_seqlens[rows])
+    sub = dataclasses.replace(
+        inp, q=inp.q[rows], block_table=inp.block_table[rows], cache_seqlens=inp.cache_seqlens[rows]
+    )
     check_against_reference(sub, out[rows], lse[rows], ref=(ref[0][rows], ref[1][rows]))
 
 
@@ -346,12 +510,16 @@ def make_sub_sequence(inp, i, first_token, length):
     causal mask is unchanged (query j sees tokens t <= length - s_q + j of the original)."""
     page = inp.page_block_size
     assert first_token % page == 0
-    table = inp.block_table[i:i + 1, first_token // page:].clone()
+    table = inp.block_table[i : i + 1, first_token // page :].clone()
     n = length - first_token
     # The causal limit length - s_q + j is relative to the original; shifted by first_token it is
     # n - s_q + j, i.e. the same rule for the shorter sequence.
-    return dataclasses.replace(inp, q=inp.q[i:i + 1], block_table=table,
-                               cache_seqlens=torch.tensor([n], dtype=torch.int32, device=inp.q.device))
+    return dataclasses.replace(
+        inp,
+        q=inp.q[i : i + 1],
+        block_table=table,
+        cache_seqlens=torch.tensor([n], dtype=torch.int32, device=inp.q.device),
+    )
 
 
 @requires_cuda
@@ -359,11 +527,21 @@ def make_sub_sequence(inp, i, first_token, length):
 def test_cuda_stale_metadata_does_not_crash():
     """Metadata built for other lengths: unspecified results, but no illegal memory access (the
     device stays usable and a correct call afterwards is right)."""
-    inp = make_decode_inputs(batch=4, seq_len_q=1, num_heads_q=64, dtype=torch.bfloat16, device="cuda",
-                             max_seqlen=300, seed=seed_for("stale-cuda"))
+    inp = make_decode_inputs(
+        batch=4,
+        seq_len_q=1,
+        num_heads_q=64,
+        dtype=torch.bfloat16,
+        device="cuda",
+        max_seqlen=300,
+        seed=seed_for("stale-cuda"),
+    )
     for stale_lengths in ([0, 0, 0, 0], [300, 300, 300, 300], [1, 2, 3, 4], [5000, 1, 0, 7000]):
-        stale = flashmla_ops.get_mla_metadata(torch.tensor(stale_lengths, dtype=torch.int32, device="cuda"),
-                                              inp.num_heads_per_head_k, inp.num_heads_k)
+        stale = flashmla_ops.get_mla_metadata(
+            torch.tensor(stale_lengths, dtype=torch.int32, device="cuda"),
+            inp.num_heads_per_head_k,
+            inp.num_heads_k,
+        )
         out, lse = inp.run(stale)
         torch.cuda.synchronize()
         assert out.shape == (4, 1, 64, 512) and lse.shape == (4, 64, 1)
@@ -379,9 +557,12 @@ def test_cuda_metadata_negative_length_is_masked():
     inp = _masked_case_inputs("cuda")
     lens = torch.tensor([48, -7, 33, 48], dtype=torch.int32, device="cuda")
     md, splits = flashmla_ops.get_mla_metadata(lens, inp.num_heads_per_head_k, inp.num_heads_k)
-    out, lse = flashmla_ops.flash_mla_with_kvcache(inp.q, inp.k_cache, inp.block_table, lens, 32, md, splits,
-                                                   causal=True)
+    out, lse = flashmla_ops.flash_mla_with_kvcache(
+        inp.q, inp.k_cache, inp.block_table, lens, 32, md, splits, causal=True
+    )
     torch.cuda.synchronize()
     assert (out[1] == 0).all() and (lse[1] == float("inf")).all()
-    expect = dataclasses.replace(inp, cache_seqlens=torch.tensor([48, 0, 33, 48], dtype=torch.int32, device="cuda"))
+    expect = dataclasses.replace(
+        inp, cache_seqlens=torch.tensor([48, 0, 33, 48], dtype=torch.int32, device="cuda")
+    )
     check_against_reference(expect, out, lse)

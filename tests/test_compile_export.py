@@ -18,6 +18,7 @@ try:
 
     SchemaTestCase = expecttest.TestCase
 except ImportError:  # the GPU machine's image has no expecttest: compare the same strings plainly
+
     class SchemaTestCase(unittest.TestCase):
         def assertExpectedInline(self, actual, expect, skip=0):
             self.assertEqual(actual, expect)
@@ -28,15 +29,29 @@ S_Q, H_Q, H_K, D, DV, PAGE = 2, 4, 2, 40, 32, 16
 
 
 def small_inputs(batch, device, dtype, seed, **kwargs):
-    return make_decode_inputs(batch=batch, seq_len_q=S_Q, num_heads_q=H_Q, num_heads_k=H_K, head_dim=D,
-                              head_dim_v=DV, page_block_size=PAGE, dtype=dtype, device=device, max_seqlen=50,
-                              causal=True, seed=seed, **kwargs)
+    return make_decode_inputs(
+        batch=batch,
+        seq_len_q=S_Q,
+        num_heads_q=H_Q,
+        num_heads_k=H_K,
+        head_dim=D,
+        head_dim_v=DV,
+        page_block_size=PAGE,
+        dtype=dtype,
+        device=device,
+        max_seqlen=50,
+        causal=True,
+        seed=seed,
+        **kwargs,
+    )
 
 
 def decode_step(q, k_cache, block_table, cache_seqlens):
     """One decode step: metadata for the current lengths, then attention, as a model would call them."""
     md, splits = flashmla_ops.get_mla_metadata(cache_seqlens, S_Q * H_Q // H_K, H_K)
-    return flashmla_ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, md, splits, causal=True)
+    return flashmla_ops.flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, DV, md, splits, causal=True
+    )
 
 
 def decode_step_with_epilogue(q, k_cache, block_table, cache_seqlens, w_o):
@@ -61,15 +76,19 @@ def assert_outputs_equal(got, want, exact=True):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("device,dtype", device_dtype_params(cpu_dtypes=[torch.float32, torch.bfloat16],
-                                                             cuda_dtypes=[torch.bfloat16]))
+@pytest.mark.parametrize(
+    "device,dtype",
+    device_dtype_params(cpu_dtypes=[torch.float32, torch.bfloat16], cuda_dtypes=[torch.bfloat16]),
+)
 def test_compile_fullgraph(backend, device, dtype, fresh_dynamo):
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(decode_step, backend=counter, fullgraph=True)
     # New lengths (and cache contents) every step, same shapes (9 live blocks + 3 spare):
     # values are not guarded, so there is no recompile.
     for step, lengths in enumerate(([0, 17, 50, 33], [16, 1, 49, 40], [50, 0, 20, 35])):
-        inp = small_inputs(4, device, dtype, seed_for("compile", backend, device, dtype, step), lengths=lengths)
+        inp = small_inputs(
+            4, device, dtype, seed_for("compile", backend, device, dtype, step), lengths=lengths
+        )
         assert inp.k_cache.shape[0] == 12
         args = (inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens)
         got = compiled(*args)
@@ -115,9 +134,14 @@ def test_compile_dynamic_batch_no_recompile(backend, device, fresh_dynamo):
         assert_outputs_equal(got, decode_step(*args))
         assert counter.frame_count == 1, f"recompiled for batch {batch}"
     # The graph really is symbolic in the batch.
-    example_q = [n.meta["example_value"] for n in counter.graphs[0].graph.nodes
-                 if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)
-                 and n.meta["example_value"].dim() == 4 and n.meta["example_value"].dtype == dtype][0]
+    example_q = [
+        n.meta["example_value"]
+        for n in counter.graphs[0].graph.nodes
+        if n.op == "placeholder"
+        and isinstance(n.meta.get("example_value"), torch.Tensor)
+        and n.meta["example_value"].dim() == 4
+        and n.meta["example_value"].dtype == dtype
+    ][0]
     assert isinstance(example_q.shape[0], torch.SymInt)
 
 
@@ -134,14 +158,16 @@ class DecodeModule(torch.nn.Module):
     def __init__(self, dtype):
         super().__init__()
         g = torch.Generator().manual_seed(1234)
-        self.w_q = torch.nn.Parameter((torch.randn(HIDDEN, H_Q * D, generator=g) * HIDDEN**-0.5).to(dtype),
-                                      requires_grad=False)
+        self.w_q = torch.nn.Parameter(
+            (torch.randn(HIDDEN, H_Q * D, generator=g) * HIDDEN**-0.5).to(dtype), requires_grad=False
+        )
 
     def forward(self, x, k_cache, block_table, cache_seqlens):
         q = (x @ self.w_q).unflatten(-1, (H_Q, D))  # (batch, s_q, h_q, d)
         md, splits = flashmla_ops.get_mla_metadata(cache_seqlens, S_Q * H_Q // H_K, H_K)
-        return flashmla_ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, DV, md, splits,
-                                                   causal=True)
+        return flashmla_ops.flash_mla_with_kvcache(
+            q, k_cache, block_table, cache_seqlens, DV, md, splits, causal=True
+        )
 
 
 def module_inputs(batch, device, dtype, seed):
@@ -151,8 +177,10 @@ def module_inputs(batch, device, dtype, seed):
     return (x, inp.k_cache, inp.block_table, inp.cache_seqlens), inp
 
 
-@pytest.mark.parametrize("device,dtype", device_dtype_params(cpu_dtypes=[torch.float32, torch.bfloat16],
-                                                             cuda_dtypes=[torch.bfloat16]))
+@pytest.mark.parametrize(
+    "device,dtype",
+    device_dtype_params(cpu_dtypes=[torch.float32, torch.bfloat16], cuda_dtypes=[torch.bfloat16]),
+)
 def test_export_static(device, dtype):
     model = DecodeModule(dtype).to(device)
     args, _ = module_inputs(3, device, dtype, seed_for("export", device, dtype))
@@ -167,14 +195,20 @@ def test_export_static(device, dtype):
         assert_outputs_equal(ep.module()(*args2), model(*args2))
 
 
-@pytest.mark.parametrize("device,dtype", device_dtype_params(cpu_dtypes=[torch.bfloat16], cuda_dtypes=[torch.bfloat16]))
+@pytest.mark.parametrize(
+    "device,dtype", device_dtype_params(cpu_dtypes=[torch.bfloat16], cuda_dtypes=[torch.bfloat16])
+)
 def test_export_dynamic_batch(device, dtype):
     model = DecodeModule(dtype).to(device)
     args, _ = module_inputs(3, device, dtype, seed_for("export-dyn", device))
     batch = torch.export.Dim("batch", min=2, max=4096)
     num_blocks = torch.export.Dim("num_blocks", min=2)
-    dynamic_shapes = {"x": {0: batch}, "k_cache": {0: num_blocks}, "block_table": {0: batch},
-                      "cache_seqlens": {0: batch}}
+    dynamic_shapes = {
+        "x": {0: batch},
+        "k_cache": {0: num_blocks},
+        "block_table": {0: batch},
+        "cache_seqlens": {0: batch},
+    }
     ep = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     runner = ep.module()
     for b in (2, 3, 5, 11):
@@ -240,5 +274,6 @@ class TestSchemas(SchemaTestCase):
     def test_no_other_ops(self):
         """Every op of the library is pinned above."""
         names = sorted(s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("flashmla::"))
-        self.assertEqual(names, ["flashmla::fwd_kvcache_mla", "flashmla::get_mla_metadata",
-                                 "flashmla::write_kvcache"])
+        self.assertEqual(
+            names, ["flashmla::fwd_kvcache_mla", "flashmla::get_mla_metadata", "flashmla::write_kvcache"]
+        )

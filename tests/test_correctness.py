@@ -40,8 +40,17 @@ def test_deepseek_shapes(device, dtype, num_heads_q, seq_len_q, causal, workers)
     """workers="cpu-16": metadata of 16 workers from the CPU schedule (moved to the device), so that
     sequences are cut into pieces and merged by LSE whatever the machine's own worker count."""
     inp = make_decode_inputs(
-        batch=4, seq_len_q=seq_len_q, num_heads_q=num_heads_q, num_heads_k=1, head_dim=576, head_dim_v=512,
-        page_block_size=64, dtype=dtype, device=device, max_seqlen=300, causal=causal,
+        batch=4,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        num_heads_k=1,
+        head_dim=576,
+        head_dim_v=512,
+        page_block_size=64,
+        dtype=dtype,
+        device=device,
+        max_seqlen=300,
+        causal=causal,
         seed=seed_for("deepseek", device, dtype, num_heads_q, seq_len_q, causal),
     )
     metadata = None
@@ -58,7 +67,13 @@ def test_deepseek_shapes(device, dtype, num_heads_q, seq_len_q, causal, workers)
 def test_deepseek_shapes_speculative_noncausal(device, dtype):
     """seq_len_q = 2 without the causal mask: both queries see the whole sequence."""
     inp = make_decode_inputs(
-        batch=3, seq_len_q=2, num_heads_q=128, dtype=dtype, device=device, max_seqlen=257, causal=False,
+        batch=3,
+        seq_len_q=2,
+        num_heads_q=128,
+        dtype=dtype,
+        device=device,
+        max_seqlen=257,
+        causal=False,
         seed=seed_for("deepseek-nc", device, dtype),
     )
     out, lse = inp.run()
@@ -78,9 +93,18 @@ def test_deepseek_shapes_speculative_noncausal(device, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 def test_small_shapes(device, dtype, num_heads_k, num_heads_q, page_block_size, seq_len_q, causal):
     inp = make_decode_inputs(
-        batch=5, seq_len_q=seq_len_q, num_heads_q=num_heads_q, num_heads_k=num_heads_k, head_dim=40,
-        head_dim_v=32, page_block_size=page_block_size, dtype=dtype, device=device, max_seqlen=83,
-        causal=causal, seed=seed_for("small", device, dtype, num_heads_k, page_block_size, seq_len_q, causal),
+        batch=5,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        num_heads_k=num_heads_k,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=page_block_size,
+        dtype=dtype,
+        device=device,
+        max_seqlen=83,
+        causal=causal,
+        seed=seed_for("small", device, dtype, num_heads_k, page_block_size, seq_len_q, causal),
     )
     assert 0 in inp.lengths()
     assert any(n % page_block_size for n in inp.lengths()) or page_block_size == 1
@@ -94,9 +118,19 @@ def test_causal_lengths_shorter_than_seq_len_q(device, dtype, page_block_size):
     """Causal, seq_len_q 5, lengths 0..7: the first queries of short sequences see nothing."""
     lengths = [0, 1, 2, 3, 4, 5, 7]
     inp = make_decode_inputs(
-        batch=len(lengths), seq_len_q=5, num_heads_q=4, num_heads_k=2, head_dim=40, head_dim_v=32,
-        page_block_size=page_block_size, dtype=dtype, device=device, lengths=lengths, max_seqlen=7,
-        causal=True, seed=seed_for("short", device, dtype, page_block_size),
+        batch=len(lengths),
+        seq_len_q=5,
+        num_heads_q=4,
+        num_heads_k=2,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=page_block_size,
+        dtype=dtype,
+        device=device,
+        lengths=lengths,
+        max_seqlen=7,
+        causal=True,
+        seed=seed_for("short", device, dtype, page_block_size),
     )
     counts = inp.visible_counts()
     assert (counts == 0).any() and (counts > 0).any()
@@ -108,9 +142,20 @@ def test_causal_lengths_shorter_than_seq_len_q(device, dtype, page_block_size):
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_all_lengths_zero(device, dtype):
-    inp = make_decode_inputs(batch=3, seq_len_q=2, num_heads_q=4, num_heads_k=1, head_dim=40, head_dim_v=32,
-                             page_block_size=16, dtype=dtype, device=device, lengths=[0, 0, 0], max_seqlen=20,
-                             seed=seed_for("zeros", device, dtype))
+    inp = make_decode_inputs(
+        batch=3,
+        seq_len_q=2,
+        num_heads_q=4,
+        num_heads_k=1,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=16,
+        dtype=dtype,
+        device=device,
+        lengths=[0, 0, 0],
+        max_seqlen=20,
+        seed=seed_for("zeros", device, dtype),
+    )
     out, lse = inp.run()
     assert (out == 0).all()
     assert (lse == float("inf")).all()
@@ -119,9 +164,20 @@ def test_all_lengths_zero(device, dtype):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_batch_of_one_full_table(device, dtype):
     """One sequence filling its block table exactly (no junk column): length = capacity."""
-    inp = make_decode_inputs(batch=1, seq_len_q=1, num_heads_q=16, head_dim=576, head_dim_v=512,
-                             page_block_size=64, dtype=dtype, device=device, lengths=[192], max_seqlen=192,
-                             extra_table_columns=0, seed=seed_for("one", device, dtype))
+    inp = make_decode_inputs(
+        batch=1,
+        seq_len_q=1,
+        num_heads_q=16,
+        head_dim=576,
+        head_dim_v=512,
+        page_block_size=64,
+        dtype=dtype,
+        device=device,
+        lengths=[192],
+        max_seqlen=192,
+        extra_table_columns=0,
+        seed=seed_for("one", device, dtype),
+    )
     assert inp.block_table.shape == (1, 3)
     out, lse = inp.run()
     check_against_reference(inp, out, lse)
@@ -130,18 +186,40 @@ def test_batch_of_one_full_table(device, dtype):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("softmax_scale", [0.01, 0.3])
 def test_softmax_scale(device, dtype, softmax_scale):
-    inp = make_decode_inputs(batch=3, seq_len_q=2, num_heads_q=4, num_heads_k=2, head_dim=40, head_dim_v=32,
-                             page_block_size=16, dtype=dtype, device=device, max_seqlen=70, causal=True,
-                             softmax_scale=softmax_scale, seed=seed_for("scale", device, dtype, softmax_scale))
+    inp = make_decode_inputs(
+        batch=3,
+        seq_len_q=2,
+        num_heads_q=4,
+        num_heads_k=2,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=16,
+        dtype=dtype,
+        device=device,
+        max_seqlen=70,
+        causal=True,
+        softmax_scale=softmax_scale,
+        seed=seed_for("scale", device, dtype, softmax_scale),
+    )
     out, lse = inp.run()
     check_against_reference(inp, out, lse)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_head_dim_v_equals_head_dim(device, dtype):
-    inp = make_decode_inputs(batch=3, seq_len_q=1, num_heads_q=4, num_heads_k=1, head_dim=40, head_dim_v=40,
-                             page_block_size=16, dtype=dtype, device=device, max_seqlen=50,
-                             seed=seed_for("dv=d", device, dtype))
+    inp = make_decode_inputs(
+        batch=3,
+        seq_len_q=1,
+        num_heads_q=4,
+        num_heads_k=1,
+        head_dim=40,
+        head_dim_v=40,
+        page_block_size=16,
+        dtype=dtype,
+        device=device,
+        max_seqlen=50,
+        seed=seed_for("dv=d", device, dtype),
+    )
     out, lse = inp.run()
     check_against_reference(inp, out, lse)
 
@@ -149,9 +227,20 @@ def test_head_dim_v_equals_head_dim(device, dtype):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_strided_q_and_cache(device, dtype):
     """q and k_cache that are views (unit stride only in the last dimension) give the same result."""
-    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=4, num_heads_k=2, head_dim=40, head_dim_v=32,
-                             page_block_size=16, dtype=dtype, device=device, max_seqlen=60, causal=True,
-                             seed=seed_for("strided", device, dtype))
+    inp = make_decode_inputs(
+        batch=4,
+        seq_len_q=2,
+        num_heads_q=4,
+        num_heads_k=2,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=16,
+        dtype=dtype,
+        device=device,
+        max_seqlen=60,
+        causal=True,
+        seed=seed_for("strided", device, dtype),
+    )
     ref = inp.reference()
     # q: every other head of a wider tensor, and a transposed (seq_len_q, batch) storage order.
     q_big = torch.zeros(2, 4, 8, 40, dtype=dtype, device=device)
@@ -163,8 +252,9 @@ def test_strided_q_and_cache(device, dtype):
     k_view = k_big[..., :40]
     assert not q_view.is_contiguous() and not k_view.is_contiguous()
     md, splits = inp.metadata()
-    out, lse = flashmla_ops.flash_mla_with_kvcache(q_view, k_view, inp.block_table, inp.cache_seqlens, 32, md,
-                                                   splits, causal=True)
+    out, lse = flashmla_ops.flash_mla_with_kvcache(
+        q_view, k_view, inp.block_table, inp.cache_seqlens, 32, md, splits, causal=True
+    )
     check_against_reference(inp, out, lse, ref=ref)
     out_c, lse_c = inp.run((md, splits))
     torch.testing.assert_close(out, out_c, rtol=0, atol=0)
@@ -184,12 +274,29 @@ NUM_SM_PARTS = [1, 2, 3, 5, 8, 33, 97]
 @pytest.mark.parametrize("shape", ["deepseek", "small"])
 def test_cpu_metadata_worker_counts(dtype, shape):
     if shape == "deepseek":
-        inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=32, dtype=dtype, max_seqlen=300, causal=True,
-                                 seed=seed_for("parts", dtype, shape))
+        inp = make_decode_inputs(
+            batch=4,
+            seq_len_q=2,
+            num_heads_q=32,
+            dtype=dtype,
+            max_seqlen=300,
+            causal=True,
+            seed=seed_for("parts", dtype, shape),
+        )
     else:
-        inp = make_decode_inputs(batch=6, seq_len_q=5, num_heads_q=4, num_heads_k=2, head_dim=40, head_dim_v=32,
-                                 page_block_size=1, dtype=dtype, max_seqlen=150, causal=True,
-                                 seed=seed_for("parts", dtype, shape))
+        inp = make_decode_inputs(
+            batch=6,
+            seq_len_q=5,
+            num_heads_q=4,
+            num_heads_k=2,
+            head_dim=40,
+            head_dim_v=32,
+            page_block_size=1,
+            dtype=dtype,
+            max_seqlen=150,
+            causal=True,
+            seed=seed_for("parts", dtype, shape),
+        )
     ref = inp.reference()
     ref_low = inp.reference(compute_dtype=None) if dtype != torch.float32 else None
     results = []
@@ -203,7 +310,9 @@ def test_cpu_metadata_worker_counts(dtype, shape):
         out, lse = inp.run((md, splits))  # runs with the default thread count
         check_against_reference(inp, out, lse, ref=ref, ref_low=ref_low)
         results.append((out, lse))
-    assert len(split_counts) > 1, "the worker counts should cut the sequences into different numbers of pieces"
+    assert len(split_counts) > 1, (
+        "the worker counts should cut the sequences into different numbers of pieces"
+    )
     out0, lse0 = results[0]
     seen = inp.visible_counts() > 0
     tol_out = 1e-6 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
@@ -223,8 +332,15 @@ def test_cpu_kernel_thread_count(dtype):
     intra-op thread count, e.g. a 19-token tile's Q K^T rounds differently under 1-2 and >= 3
     threads. Repeated calls under one thread count are bitwise equal.)
     """
-    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=16, dtype=dtype, max_seqlen=300, causal=True,
-                             seed=seed_for("threads", dtype))
+    inp = make_decode_inputs(
+        batch=4,
+        seq_len_q=2,
+        num_heads_q=16,
+        dtype=dtype,
+        max_seqlen=300,
+        causal=True,
+        seed=seed_for("threads", dtype),
+    )
     with num_threads(3):
         metadata = inp.metadata()
     outs = []
@@ -265,12 +381,31 @@ def test_metadata_values_do_not_depend_on_stale_state(device):
 @pytest.mark.parametrize("shape", ["deepseek", "small"])
 def test_deterministic(device, dtype, shape):
     if shape == "deepseek":
-        inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device=device, max_seqlen=300,
-                                 causal=True, seed=seed_for("det", device, dtype, shape))
+        inp = make_decode_inputs(
+            batch=4,
+            seq_len_q=2,
+            num_heads_q=64,
+            dtype=dtype,
+            device=device,
+            max_seqlen=300,
+            causal=True,
+            seed=seed_for("det", device, dtype, shape),
+        )
     else:
-        inp = make_decode_inputs(batch=5, seq_len_q=5, num_heads_q=6, num_heads_k=2, head_dim=40, head_dim_v=32,
-                                 page_block_size=16, dtype=dtype, device=device, max_seqlen=90, causal=True,
-                                 seed=seed_for("det", device, dtype, shape))
+        inp = make_decode_inputs(
+            batch=5,
+            seq_len_q=5,
+            num_heads_q=6,
+            num_heads_k=2,
+            head_dim=40,
+            head_dim_v=32,
+            page_block_size=16,
+            dtype=dtype,
+            device=device,
+            max_seqlen=90,
+            causal=True,
+            seed=seed_for("det", device, dtype, shape),
+        )
     out1, lse1 = inp.run()
     out2, lse2 = inp.run()
     assert_bitwise_equal(out1, out2)
@@ -280,9 +415,20 @@ def test_deterministic(device, dtype, shape):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_junk_never_read(device, dtype):
     """Changing what sits in dead cache slots and junk table entries does not change a single bit."""
-    inp = make_decode_inputs(batch=5, seq_len_q=2, num_heads_q=4, num_heads_k=2, head_dim=40, head_dim_v=32,
-                             page_block_size=16, dtype=dtype, device=device, max_seqlen=90, causal=True,
-                             seed=seed_for("junk", device, dtype))
+    inp = make_decode_inputs(
+        batch=5,
+        seq_len_q=2,
+        num_heads_q=4,
+        num_heads_k=2,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=16,
+        dtype=dtype,
+        device=device,
+        max_seqlen=90,
+        causal=True,
+        seed=seed_for("junk", device, dtype),
+    )
     out1, lse1 = inp.run()
     check_empty_rows(inp, out1, lse1)
     # Replace every NaN (dead slot) by a huge finite value and every junk table entry by another junk.
@@ -293,17 +439,28 @@ def test_junk_never_read(device, dtype):
         live = -(-n // page)
         table2[i, live:] = -7 if i % 2 else inp.k_cache.shape[0]
     md = inp.metadata()
-    out2, lse2 = flashmla_ops.flash_mla_with_kvcache(inp.q, k2, table2, inp.cache_seqlens, inp.head_dim_v, *md,
-                                                     causal=True)
+    out2, lse2 = flashmla_ops.flash_mla_with_kvcache(
+        inp.q, k2, table2, inp.cache_seqlens, inp.head_dim_v, *md, causal=True
+    )
     assert_bitwise_equal(out1, out2)
     assert_bitwise_equal(lse1, lse2)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_outputs_do_not_alias_inputs(device, dtype):
-    inp = make_decode_inputs(batch=2, seq_len_q=1, num_heads_q=4, num_heads_k=1, head_dim=40, head_dim_v=40,
-                             page_block_size=16, dtype=dtype, device=device, max_seqlen=20,
-                             seed=seed_for("alias", device, dtype))
+    inp = make_decode_inputs(
+        batch=2,
+        seq_len_q=1,
+        num_heads_q=4,
+        num_heads_k=1,
+        head_dim=40,
+        head_dim_v=40,
+        page_block_size=16,
+        dtype=dtype,
+        device=device,
+        max_seqlen=20,
+        seed=seed_for("alias", device, dtype),
+    )
     q_before, k_before = inp.q.clone(), inp.k_cache.clone()
     out, lse = inp.run()
     assert out.is_contiguous() and lse.is_contiguous()

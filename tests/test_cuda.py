@@ -73,8 +73,17 @@ def check_cuda_vs_cpu_and_reference(inp):
 @pytest.mark.parametrize("causal", [False, True])
 def test_small_shapes_vs_cpu(dtype, num_heads_k, num_heads_q, page_block_size, seq_len_q, causal):
     inp = make_decode_inputs(
-        batch=5, seq_len_q=seq_len_q, num_heads_q=num_heads_q, num_heads_k=num_heads_k, head_dim=40, head_dim_v=32,
-        page_block_size=page_block_size, dtype=dtype, device=DEVICE, max_seqlen=300, causal=causal,
+        batch=5,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        num_heads_k=num_heads_k,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=page_block_size,
+        dtype=dtype,
+        device=DEVICE,
+        max_seqlen=300,
+        causal=causal,
         seed=seed_for("cuda-small", dtype, num_heads_k, num_heads_q, page_block_size, seq_len_q, causal),
     )
     check_cuda_vs_cpu_and_reference(inp)
@@ -94,21 +103,39 @@ DEEPSEEK_LONG = [
 
 
 @DTYPES
-@pytest.mark.parametrize("shape", DEEPSEEK_LONG, ids=lambda s: "b{}-sk{}-hq{}-sq{}-{}".format(
-    *s[:4], "causal" if s[4] else "full"))
+@pytest.mark.parametrize(
+    "shape", DEEPSEEK_LONG, ids=lambda s: "b{}-sk{}-hq{}-sq{}-{}".format(*s[:4], "causal" if s[4] else "full")
+)
 def test_deepseek_long_vs_cpu(dtype, shape):
     batch, max_seqlen, num_heads_q, seq_len_q, causal = shape
-    inp = make_decode_inputs(batch=batch, seq_len_q=seq_len_q, num_heads_q=num_heads_q, dtype=dtype, device=DEVICE,
-                             max_seqlen=max_seqlen, causal=causal, include_zero_length=batch > 2,
-                             seed=seed_for("cuda-long", dtype, shape))
+    inp = make_decode_inputs(
+        batch=batch,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        dtype=dtype,
+        device=DEVICE,
+        max_seqlen=max_seqlen,
+        causal=causal,
+        include_zero_length=batch > 2,
+        seed=seed_for("cuda-long", dtype, shape),
+    )
     check_cuda_vs_cpu_and_reference(inp)
 
 
 @DTYPES
 def test_deepseek_fixed_lengths(dtype):
     """All sequences of the same length (FlashMLA's 'fixed' benchmark rows)."""
-    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device=DEVICE, max_seqlen=4096,
-                             lengths=[4096] * 4, causal=True, seed=seed_for("cuda-fixed", dtype))
+    inp = make_decode_inputs(
+        batch=4,
+        seq_len_q=2,
+        num_heads_q=64,
+        dtype=dtype,
+        device=DEVICE,
+        max_seqlen=4096,
+        lengths=[4096] * 4,
+        causal=True,
+        seed=seed_for("cuda-fixed", dtype),
+    )
     check_cuda_vs_cpu_and_reference(inp)
 
 
@@ -116,8 +143,16 @@ def test_deepseek_fixed_lengths(dtype):
 def test_many_sequences(dtype):
     """More sequences than SMs, many of them empty or tiny."""
     lengths = [(i * 97) % 700 if i % 5 else 0 for i in range(300)]
-    inp = make_decode_inputs(batch=300, seq_len_q=1, num_heads_q=16, dtype=dtype, device=DEVICE, lengths=lengths,
-                             max_seqlen=700, seed=seed_for("cuda-many", dtype))
+    inp = make_decode_inputs(
+        batch=300,
+        seq_len_q=1,
+        num_heads_q=16,
+        dtype=dtype,
+        device=DEVICE,
+        lengths=lengths,
+        max_seqlen=700,
+        seed=seed_for("cuda-many", dtype),
+    )
     out, lse = inp.run()
     check_against_reference(inp, out, lse)
 
@@ -151,12 +186,31 @@ def test_other_num_sm_parts(dtype, shape):
     with another SM count). Metadata of 1..300 workers, built by the CPU schedule and moved to the
     GPU, gives the same result up to rounding as the GPU's own."""
     if shape == "deepseek":
-        inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device=DEVICE, max_seqlen=5000,
-                                 causal=True, seed=seed_for("cuda-parts", dtype, shape))
+        inp = make_decode_inputs(
+            batch=4,
+            seq_len_q=2,
+            num_heads_q=64,
+            dtype=dtype,
+            device=DEVICE,
+            max_seqlen=5000,
+            causal=True,
+            seed=seed_for("cuda-parts", dtype, shape),
+        )
     else:
-        inp = make_decode_inputs(batch=6, seq_len_q=5, num_heads_q=6, num_heads_k=2, head_dim=40, head_dim_v=32,
-                                 page_block_size=16, dtype=dtype, device=DEVICE, max_seqlen=700, causal=True,
-                                 seed=seed_for("cuda-parts", dtype, shape))
+        inp = make_decode_inputs(
+            batch=6,
+            seq_len_q=5,
+            num_heads_q=6,
+            num_heads_k=2,
+            head_dim=40,
+            head_dim_v=32,
+            page_block_size=16,
+            dtype=dtype,
+            device=DEVICE,
+            max_seqlen=700,
+            causal=True,
+            seed=seed_for("cuda-parts", dtype, shape),
+        )
     ref = inp.reference()
     ref_low = inp.reference(compute_dtype=None)
     out0, lse0 = inp.run()
@@ -164,8 +218,9 @@ def test_other_num_sm_parts(dtype, shape):
     seen = inp.visible_counts().to(DEVICE) > 0
     for parts in (1, 2, 7, 33, 132, 300):
         with num_threads(parts):
-            md, splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens.cpu(), inp.num_heads_per_head_k,
-                                                       inp.num_heads_k)
+            md, splits = flashmla_ops.get_mla_metadata(
+                inp.cache_seqlens.cpu(), inp.num_heads_per_head_k, inp.num_heads_k
+            )
         out, lse = inp.run((md.to(DEVICE), splits.to(DEVICE)))
         check_against_reference(inp, out, lse, ref=ref, ref_low=ref_low)
         # lse is fp32 throughout: other cuts of the sequences change it only by fp32 rounding.
@@ -183,8 +238,17 @@ def growing_sequences(dtype, steps, batch=4, num_heads_q=64, seq_len_q=1, causal
     new token is written into its slot just before that step (earlier it is NaN), like a real decode."""
     g = torch.Generator().manual_seed(seed)
     final_lens = torch.randint(steps, 1000, (batch,), generator=g, dtype=torch.int32)
-    final = make_decode_inputs(batch=batch, seq_len_q=seq_len_q, num_heads_q=num_heads_q, dtype=dtype,
-                               device=DEVICE, lengths=final_lens.tolist(), max_seqlen=1000, causal=causal, seed=seed)
+    final = make_decode_inputs(
+        batch=batch,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        dtype=dtype,
+        device=DEVICE,
+        lengths=final_lens.tolist(),
+        max_seqlen=1000,
+        causal=causal,
+        seed=seed,
+    )
     full_cache = final.k_cache.clone()
     cache = final.k_cache  # tokens at positions >= the step's length are NaN until written
     page = final.page_block_size
@@ -212,16 +276,25 @@ def test_cuda_graph_capture_by_hand(dtype, seq_len_q, causal):
     """Metadata + attention captured in one CUDA graph (so neither op synchronises with the host),
     replayed with new lengths and q copied into the captured tensors: correct at every step."""
     steps = 5
-    final, step_inputs = growing_sequences(dtype, steps, seq_len_q=seq_len_q, causal=causal,
-                                           seed=seed_for("graph", dtype, seq_len_q))
+    final, step_inputs = growing_sequences(
+        dtype, steps, seq_len_q=seq_len_q, causal=causal, seed=seed_for("graph", dtype, seq_len_q)
+    )
     first = step_inputs(0, 100)
     static_q = first.q.clone()
     static_lens = first.cache_seqlens.clone()
 
     def step():
         md, splits = flashmla_ops.get_mla_metadata(static_lens, final.num_heads_per_head_k, final.num_heads_k)
-        return flashmla_ops.flash_mla_with_kvcache(static_q, final.k_cache, final.block_table, static_lens,
-                                                   final.head_dim_v, md, splits, causal=causal)
+        return flashmla_ops.flash_mla_with_kvcache(
+            static_q,
+            final.k_cache,
+            final.block_table,
+            static_lens,
+            final.head_dim_v,
+            md,
+            splits,
+            causal=causal,
+        )
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -247,15 +320,17 @@ def test_compile_reduce_overhead(dtype, seq_len_q, causal, fresh_dynamo):
     """torch.compile(mode="reduce-overhead"): the cache marked static, metadata recomputed inside the
     graph, lengths changing between replays; correct at every step, no cudagraph skip, one compile."""
     steps = 6
-    final, step_inputs = growing_sequences(dtype, steps, seq_len_q=seq_len_q, causal=causal,
-                                           seed=seed_for("reduce-overhead", dtype, seq_len_q))
+    final, step_inputs = growing_sequences(
+        dtype, steps, seq_len_q=seq_len_q, causal=causal, seed=seed_for("reduce-overhead", dtype, seq_len_q)
+    )
     torch._dynamo.mark_static_address(final.k_cache)
     h_k, rows = final.num_heads_k, final.num_heads_per_head_k
 
     def decode_step(q, k_cache, block_table, cache_seqlens):
         md, splits = flashmla_ops.get_mla_metadata(cache_seqlens, rows, h_k)
-        return flashmla_ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits,
-                                                   causal=causal)
+        return flashmla_ops.flash_mla_with_kvcache(
+            q, k_cache, block_table, cache_seqlens, 512, md, splits, causal=causal
+        )
 
     compiled = torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")
     for k in range(steps):  # step 0 warms up, step 1 records the graph, the others replay it
@@ -271,14 +346,23 @@ def test_compile_reduce_overhead(dtype, seq_len_q, causal, fresh_dynamo):
 @DTYPES
 def test_compile_reduce_overhead_eager_equal(dtype, fresh_dynamo):
     """Graph replay gives bitwise the eager result (the same kernels, the same metadata)."""
-    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=128, dtype=dtype, device=DEVICE, max_seqlen=3000,
-                             causal=True, seed=seed_for("ro-eager", dtype))
+    inp = make_decode_inputs(
+        batch=4,
+        seq_len_q=2,
+        num_heads_q=128,
+        dtype=dtype,
+        device=DEVICE,
+        max_seqlen=3000,
+        causal=True,
+        seed=seed_for("ro-eager", dtype),
+    )
     torch._dynamo.mark_static_address(inp.k_cache)
 
     def decode_step(q, k_cache, block_table, cache_seqlens):
         md, splits = flashmla_ops.get_mla_metadata(cache_seqlens, 256, 1)
-        return flashmla_ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits,
-                                                   causal=True)
+        return flashmla_ops.flash_mla_with_kvcache(
+            q, k_cache, block_table, cache_seqlens, 512, md, splits, causal=True
+        )
 
     compiled = torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")
     want = decode_step(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens)
@@ -298,14 +382,17 @@ class DeepSeekDecode(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(5)
         self.num_heads_q = num_heads_q
-        self.w_q = torch.nn.Parameter((torch.randn(hidden, num_heads_q * 576, generator=g) * hidden**-0.5).to(dtype),
-                                      requires_grad=False)
+        self.w_q = torch.nn.Parameter(
+            (torch.randn(hidden, num_heads_q * 576, generator=g) * hidden**-0.5).to(dtype),
+            requires_grad=False,
+        )
 
     def forward(self, x, k_cache, block_table, cache_seqlens):
         q = (x @ self.w_q).unflatten(-1, (self.num_heads_q, 576))
         md, splits = flashmla_ops.get_mla_metadata(cache_seqlens, q.shape[1] * self.num_heads_q, 1)
-        return flashmla_ops.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits,
-                                                   causal=True)
+        return flashmla_ops.flash_mla_with_kvcache(
+            q, k_cache, block_table, cache_seqlens, 512, md, splits, causal=True
+        )
 
 
 @DTYPES
@@ -313,17 +400,33 @@ def test_export_deepseek_dynamic_batch(dtype):
     model = DeepSeekDecode(dtype=dtype).to(DEVICE)
 
     def inputs(batch, seed):
-        inp = make_decode_inputs(batch=batch, seq_len_q=2, num_heads_q=16, dtype=dtype, device=DEVICE,
-                                 max_seqlen=2000, causal=True, spare_blocks=40, seed=seed)
+        inp = make_decode_inputs(
+            batch=batch,
+            seq_len_q=2,
+            num_heads_q=16,
+            dtype=dtype,
+            device=DEVICE,
+            max_seqlen=2000,
+            causal=True,
+            spare_blocks=40,
+            seed=seed,
+        )
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, 2, 256, generator=g).to(device=DEVICE, dtype=dtype)
         return (x, inp.k_cache, inp.block_table, inp.cache_seqlens)
 
     args = inputs(3, seed_for("export-cuda", dtype))
     batch = torch.export.Dim("batch", min=2, max=1024)
-    ep = torch.export.export(model, args, dynamic_shapes={
-        "x": {0: batch}, "k_cache": {0: torch.export.Dim("num_blocks", min=2)}, "block_table": {0: batch},
-        "cache_seqlens": {0: batch}})
+    ep = torch.export.export(
+        model,
+        args,
+        dynamic_shapes={
+            "x": {0: batch},
+            "k_cache": {0: torch.export.Dim("num_blocks", min=2)},
+            "block_table": {0: batch},
+            "cache_seqlens": {0: batch},
+        },
+    )
     runner = ep.module()
     for b in (3, 5, 16):
         args_b = inputs(b, seed_for("export-cuda", dtype, b))
@@ -333,12 +436,23 @@ def test_export_deepseek_dynamic_batch(dtype):
 
 
 @DTYPES
-@pytest.mark.parametrize("shape", [(4, 16384, 128, 2, True), (2, 8192, 16, 1, False), (1, 16384, 64, 1, False)],
-                         ids=lambda s: "b{}-sk{}-hq{}-sq{}".format(*s[:4]))
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 16384, 128, 2, True), (2, 8192, 16, 1, False), (1, 16384, 64, 1, False)],
+    ids=lambda s: "b{}-sk{}-hq{}-sq{}".format(*s[:4]),
+)
 def test_deterministic_long(dtype, shape):
     batch, max_seqlen, num_heads_q, seq_len_q, causal = shape
-    inp = make_decode_inputs(batch=batch, seq_len_q=seq_len_q, num_heads_q=num_heads_q, dtype=dtype, device=DEVICE,
-                             max_seqlen=max_seqlen, causal=causal, seed=seed_for("cuda-det", dtype, shape))
+    inp = make_decode_inputs(
+        batch=batch,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        dtype=dtype,
+        device=DEVICE,
+        max_seqlen=max_seqlen,
+        causal=causal,
+        seed=seed_for("cuda-det", dtype, shape),
+    )
     md = inp.metadata()
     assert int(md[1][-1].item()) > batch, "expected some sequences to be split (the combine path)"
     first = inp.run(md)
@@ -355,8 +469,16 @@ def test_deterministic_long(dtype, shape):
 def test_runs_on_current_stream(dtype):
     """Both ops launch on the current stream: on a side stream whose q and lengths are written after a
     long sleep, the results are right (a launch on another stream would read them too early)."""
-    inp = make_decode_inputs(batch=4, seq_len_q=2, num_heads_q=64, dtype=dtype, device=DEVICE, max_seqlen=3000,
-                             causal=True, seed=seed_for("stream", dtype))
+    inp = make_decode_inputs(
+        batch=4,
+        seq_len_q=2,
+        num_heads_q=64,
+        dtype=dtype,
+        device=DEVICE,
+        max_seqlen=3000,
+        causal=True,
+        seed=seed_for("stream", dtype),
+    )
     ref = inp.reference()
     q = torch.zeros_like(inp.q)
     lens = torch.zeros_like(inp.cache_seqlens)
@@ -367,15 +489,24 @@ def test_runs_on_current_stream(dtype):
         q.copy_(inp.q)
         lens.copy_(inp.cache_seqlens)
         md, splits = flashmla_ops.get_mla_metadata(lens, inp.num_heads_per_head_k, inp.num_heads_k)
-        out, lse = flashmla_ops.flash_mla_with_kvcache(q, inp.k_cache, inp.block_table, lens, 512, md, splits,
-                                                       causal=True)
+        out, lse = flashmla_ops.flash_mla_with_kvcache(
+            q, inp.k_cache, inp.block_table, lens, 512, md, splits, causal=True
+        )
     side.synchronize()
     check_against_reference(inp, out, lse, ref=ref)
 
 
 @DTYPES
 def test_opcheck_deepseek_long(dtype):
-    inp = make_decode_inputs(batch=2, seq_len_q=2, num_heads_q=128, dtype=dtype, device=DEVICE, max_seqlen=8192,
-                             causal=True, seed=seed_for("opcheck-long", dtype))
+    inp = make_decode_inputs(
+        batch=2,
+        seq_len_q=2,
+        num_heads_q=128,
+        dtype=dtype,
+        device=DEVICE,
+        max_seqlen=8192,
+        causal=True,
+        seed=seed_for("opcheck-long", dtype),
+    )
     torch.library.opcheck(torch.ops.flashmla.fwd_kvcache_mla.default, inp.op_args())
     torch.library.opcheck(torch.ops.flashmla.get_mla_metadata.default, (inp.cache_seqlens, 256, 1))

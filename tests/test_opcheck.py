@@ -30,9 +30,18 @@ CASES = [
 
 def small_inputs(device, dtype, num_heads_k, page_block_size, seq_len_q, causal, lengths):
     return make_decode_inputs(
-        batch=4, seq_len_q=seq_len_q, num_heads_q=2 * num_heads_k, num_heads_k=num_heads_k, head_dim=40,
-        head_dim_v=32, page_block_size=page_block_size, dtype=dtype, device=device, max_seqlen=150,
-        lengths=lengths, causal=causal,
+        batch=4,
+        seq_len_q=seq_len_q,
+        num_heads_q=2 * num_heads_k,
+        num_heads_k=num_heads_k,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=page_block_size,
+        dtype=dtype,
+        device=device,
+        max_seqlen=150,
+        lengths=lengths,
+        causal=causal,
         seed=seed_for("opcheck", device, dtype, num_heads_k, page_block_size, seq_len_q, causal),
     )
 
@@ -45,14 +54,26 @@ def test_opcheck_fwd_kvcache_mla(device, dtype, num_heads_k, page_block_size, se
     torch.library.opcheck(torch.ops.flashmla.fwd_kvcache_mla.default, inp.op_args())
 
 
-@pytest.mark.parametrize("device,dtype", device_dtype_params(cpu_dtypes=[torch.bfloat16], cuda_dtypes=[torch.bfloat16]))
+@pytest.mark.parametrize(
+    "device,dtype", device_dtype_params(cpu_dtypes=[torch.bfloat16], cuda_dtypes=[torch.bfloat16])
+)
 def test_opcheck_fwd_kvcache_mla_deepseek(device, dtype):
-    inp = make_decode_inputs(batch=3, seq_len_q=2, num_heads_q=16, dtype=dtype, device=device, max_seqlen=130,
-                             causal=True, seed=seed_for("opcheck-ds", device, dtype))
+    inp = make_decode_inputs(
+        batch=3,
+        seq_len_q=2,
+        num_heads_q=16,
+        dtype=dtype,
+        device=device,
+        max_seqlen=130,
+        causal=True,
+        seed=seed_for("opcheck-ds", device, dtype),
+    )
     torch.library.opcheck(torch.ops.flashmla.fwd_kvcache_mla.default, inp.op_args())
 
 
-@pytest.mark.parametrize("device,dtype", device_dtype_params(cpu_dtypes=[torch.float32], cuda_dtypes=[torch.bfloat16]))
+@pytest.mark.parametrize(
+    "device,dtype", device_dtype_params(cpu_dtypes=[torch.float32], cuda_dtypes=[torch.bfloat16])
+)
 def test_opcheck_fwd_kvcache_mla_other_num_sm_parts(device, dtype):
     """Metadata with another worker count than the device's own is a valid input too (§2)."""
     inp = small_inputs(device, dtype, 2, 16, 2, True, None)
@@ -74,12 +95,17 @@ def make_cpu_metadata(inp):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("lengths,num_heads_per_head_k,num_heads_k", [
-    ([0, 5, 64, 65, 300], 16, 1),
-    ([1], 128, 1),
-    ([7, 0, 0], 10, 2),
-    ([4096, 1, 8191, 0], 256, 1),
-])
+@pytest.mark.parametrize(
+    "lengths,num_heads_per_head_k,num_heads_k",
+    [
+        ([0, 5, 64, 65, 300], 16, 1),
+        ([1], 128, 1),
+        ([7, 0, 0], 10, 2),
+        ([4096, 1, 8191, 0], 256, 1),
+    ],
+)
 def test_opcheck_get_mla_metadata(device, lengths, num_heads_per_head_k, num_heads_k):
     lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    torch.library.opcheck(torch.ops.flashmla.get_mla_metadata.default, (lens, num_heads_per_head_k, num_heads_k))
+    torch.library.opcheck(
+        torch.ops.flashmla.get_mla_metadata.default, (lens, num_heads_per_head_k, num_heads_k)
+    )

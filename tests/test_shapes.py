@@ -50,9 +50,20 @@ FWD_SHAPES = [
 @pytest.mark.parametrize("causal", [False, True])
 def test_fwd_fake_matches_kernel(device, dtype, shape, causal):
     b, s_q, h_q, h_k, d, dv, page, max_len = shape
-    inp = make_decode_inputs(batch=b, seq_len_q=s_q, num_heads_q=h_q, num_heads_k=h_k, head_dim=d, head_dim_v=dv,
-                             page_block_size=page, dtype=dtype, device=device, max_seqlen=max_len, causal=causal,
-                             seed=seed_for("shapes", device, dtype, shape, causal))
+    inp = make_decode_inputs(
+        batch=b,
+        seq_len_q=s_q,
+        num_heads_q=h_q,
+        num_heads_k=h_k,
+        head_dim=d,
+        head_dim_v=dv,
+        page_block_size=page,
+        dtype=dtype,
+        device=device,
+        max_seqlen=max_len,
+        causal=causal,
+        seed=seed_for("shapes", device, dtype, shape, causal),
+    )
     op = torch.ops.flashmla.fwd_kvcache_mla.default
     args = inp.op_args()
     real = op(*args)
@@ -63,8 +74,10 @@ def test_fwd_fake_matches_kernel(device, dtype, shape, causal):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 2, 9, 130])
-@pytest.mark.parametrize("num_heads_per_head_k,num_heads_k", [(1, 1), (16, 1), (64, 1), (65, 1), (128, 1),
-                                                                (256, 1), (10, 2), (128, 2), (300, 3)])
+@pytest.mark.parametrize(
+    "num_heads_per_head_k,num_heads_k",
+    [(1, 1), (16, 1), (64, 1), (65, 1), (128, 1), (256, 1), (10, 2), (128, 2), (300, 3)],
+)
 def test_metadata_fake_matches_kernel(device, batch, num_heads_per_head_k, num_heads_k):
     lens = torch.arange(batch, dtype=torch.int32, device=device) * 37 % 500
     op = torch.ops.flashmla.get_mla_metadata.default
@@ -104,21 +117,38 @@ def test_fake_under_symbolic_batch(device):
     """The fakes work with a symbolic batch (as under torch.compile(dynamic=True) / export)."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    inp = make_decode_inputs(batch=3, seq_len_q=2, num_heads_q=4, num_heads_k=2, head_dim=40, head_dim_v=32,
-                             page_block_size=16, dtype=torch.bfloat16, device=device, max_seqlen=40,
-                             seed=seed_for("symbolic", device))
+    inp = make_decode_inputs(
+        batch=3,
+        seq_len_q=2,
+        num_heads_q=4,
+        num_heads_k=2,
+        head_dim=40,
+        head_dim_v=32,
+        page_block_size=16,
+        dtype=torch.bfloat16,
+        device=device,
+        max_seqlen=40,
+        seed=seed_for("symbolic", device),
+    )
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
 
     with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+
         def dyn(t):
-            ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (t.dim() - 1))
+            ctx = StatelessSymbolicContext(
+                dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (t.dim() - 1)
+            )
             return mode.from_tensor(t, symbolic_context=ctx, source=ConstantSource(f"t{id(t)}"))
 
         q, table, lens = dyn(inp.q), dyn(inp.block_table), dyn(inp.cache_seqlens)
         k_cache = mode.from_tensor(inp.k_cache)
-        md, splits = torch.ops.flashmla.get_mla_metadata.default(lens, inp.num_heads_per_head_k, inp.num_heads_k)
-        out, lse = torch.ops.flashmla.fwd_kvcache_mla.default(q, k_cache, None, 32, lens, table, 0.1, True, md, splits)
+        md, splits = torch.ops.flashmla.get_mla_metadata.default(
+            lens, inp.num_heads_per_head_k, inp.num_heads_k
+        )
+        out, lse = torch.ops.flashmla.fwd_kvcache_mla.default(
+            q, k_cache, None, 32, lens, table, 0.1, True, md, splits
+        )
     assert isinstance(out.shape[0], torch.SymInt) and isinstance(lse.shape[0], torch.SymInt)
     assert isinstance(splits.shape[0], torch.SymInt)
     assert out.shape[1:] == (2, 4, 32) and lse.shape[1:] == (4, 2)

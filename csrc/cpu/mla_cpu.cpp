@@ -22,13 +22,14 @@
 namespace flashmla {
 namespace {
 
-constexpr int64_t kTileTokens = 256;  // tokens per fp32 tile: large enough that the two GEMMs dominate their call overhead
+constexpr int64_t kTileTokens =
+    256;  // tokens per fp32 tile: large enough that the two GEMMs dominate their call overhead
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t cpu_num_sm_parts() { return std::max<int64_t>(1, at::get_num_threads()); }
 
-std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cpu(const at::Tensor& cache_seqlens,
-                                                        int64_t num_heads_per_head_k, int64_t num_heads_k) {
+std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cpu(const at::Tensor& cache_seqlens, int64_t num_heads_per_head_k,
+                                                        int64_t num_heads_k) {
   check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k);
   const int64_t batch = cache_seqlens.size(0);
   const int64_t parts = cpu_num_sm_parts();
@@ -243,10 +244,10 @@ void run_decode(CpuParams<T>& p) {
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                       const std::optional<at::Tensor>& v_cache,
-                                                       int64_t head_dim_v, const at::Tensor& cache_seqlens,
-                                                       const at::Tensor& block_table, double softmax_scale,
-                                                       bool causal, const at::Tensor& tile_scheduler_metadata,
+                                                       const std::optional<at::Tensor>& v_cache, int64_t head_dim_v,
+                                                       const at::Tensor& cache_seqlens, const at::Tensor& block_table,
+                                                       double softmax_scale, bool causal,
+                                                       const at::Tensor& tile_scheduler_metadata,
                                                        const at::Tensor& num_splits) {
   const MlaShapes s = check_fwd_args(q, k_cache, v_cache, head_dim_v, cache_seqlens, block_table, softmax_scale,
                                      tile_scheduler_metadata, num_splits);
@@ -259,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cpu(const at::Tensor& q, cons
   check_metadata_matches(s, lens, md, splits);
   const int* sp = splits.data_ptr<int>();
   const int64_t total_splits = sp[s.batch];
-  auto partial_out = at::empty({total_splits, s.num_heads_k, s.rows_per_head_k, s.head_dim_v}, q.options().dtype(at::kFloat));
+  auto partial_out =
+      at::empty({total_splits, s.num_heads_k, s.rows_per_head_k, s.head_dim_v}, q.options().dtype(at::kFloat));
   auto partial_lse = at::empty({total_splits, s.num_heads_k, s.rows_per_head_k}, q.options().dtype(at::kFloat));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fwd_kvcache_mla_cpu", [&] {

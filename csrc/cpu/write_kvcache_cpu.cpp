@@ -43,8 +43,8 @@ void write_tokens(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tens
     for (int64_t i = begin; i < end; ++i) {
       const int64_t slot = slots[i * s.slot_stride];
       if (slot < 0) continue;  // -1: padding token, nothing to write
-      T* dst = cache + (slot / s.page_block_size) * s.cache_stride_block +
-               (slot % s.page_block_size) * s.cache_stride_token;
+      T* dst =
+          cache + (slot / s.page_block_size) * s.cache_stride_block + (slot % s.page_block_size) * s.cache_stride_token;
       copy_channels(dst, kv_c_ptr + i * s.kv_c_stride_token, s.d_c, s.kv_c_stride_channel);
       copy_channels(dst + s.d_c, k_pe_ptr + i * s.k_pe_stride_token, s.d_pe, s.k_pe_stride_channel);
     }
@@ -58,9 +58,8 @@ void write_kvcache_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe, const at:
   AT_DISPATCH_INDEX_TYPES(slot_mapping.scalar_type(), "write_kvcache_cpu", [&] {
     const index_t* slot_ptr = slot_mapping.const_data_ptr<index_t>();
     check_slots_on_host(slot_ptr, s);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "write_kvcache_cpu", [&] {
-      write_tokens<scalar_t>(kv_c, k_pe, k_cache, slot_ptr, s);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "write_kvcache_cpu",
+                                    [&] { write_tokens<scalar_t>(kv_c, k_pe, k_cache, slot_ptr, s); });
   });
 }
 

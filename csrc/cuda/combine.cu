@@ -48,7 +48,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
     float acc = 0.f;
     for (int k = 0; k < count; ++k) {
       const float w = expf(lse_of(k) - max_lse) * inv_sum;
-      acc += w * p.partial_out[((int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v + c];
+      acc +=
+          w * p.partial_out[((int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v + c];
     }
     dst[c] = Dtype<T>::from_float(acc);
   }
@@ -59,8 +60,10 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
 
 void launch_combine(const DecodeParams& p, bool is_bf16, cudaStream_t stream) {
   const dim3 grid((p.rows_per_head_k + kRowsPerBlock - 1) / kRowsPerBlock, p.num_heads_k, p.batch);
-  if (is_bf16) combine_kernel<__nv_bfloat16><<<grid, kRowsPerBlock * 32, 0, stream>>>(p);
-  else combine_kernel<__half><<<grid, kRowsPerBlock * 32, 0, stream>>>(p);
+  if (is_bf16)
+    combine_kernel<__nv_bfloat16><<<grid, kRowsPerBlock * 32, 0, stream>>>(p);
+  else
+    combine_kernel<__half><<<grid, kRowsPerBlock * 32, 0, stream>>>(p);
 }
 
 }  // namespace flashmla

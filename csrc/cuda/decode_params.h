@@ -5,28 +5,28 @@
 namespace flashmla {
 
 struct DecodeParams {
-  const void* q;            // (batch, seqlen_q, num_heads_q, head_dim)
-  const void* k_cache;      // (num_blocks, page_block_size, num_heads_k, head_dim)
-  const int* block_table;   // (batch, max_blocks_per_seq)
-  const int* seqlens;       // (batch,)
-  const int* metadata;      // (num_sm_parts, kMetadataWidth)
-  const int* num_splits;    // (batch + 1,)
-  void* out;                // (batch, seqlen_q, num_heads_q, head_dim_v), contiguous
-  float* lse;               // (batch, num_heads_q, seqlen_q), contiguous
-  float* partial_out;       // (partial_rows, num_heads_k, rows_per_head_k, head_dim_v)
-  float* partial_lse;       // (partial_rows, num_heads_k, rows_per_head_k)
+  const void* q;           // (batch, seqlen_q, num_heads_q, head_dim)
+  const void* k_cache;     // (num_blocks, page_block_size, num_heads_k, head_dim)
+  const int* block_table;  // (batch, max_blocks_per_seq)
+  const int* seqlens;      // (batch,)
+  const int* metadata;     // (num_sm_parts, kMetadataWidth)
+  const int* num_splits;   // (batch + 1,)
+  void* out;               // (batch, seqlen_q, num_heads_q, head_dim_v), contiguous
+  float* lse;              // (batch, num_heads_q, seqlen_q), contiguous
+  float* partial_out;      // (partial_rows, num_heads_k, rows_per_head_k, head_dim_v)
+  float* partial_lse;      // (partial_rows, num_heads_k, rows_per_head_k)
 
   int batch, seqlen_q, num_heads_q, num_heads_k, head_dim, head_dim_v;
-  int head_dim_padded;      // head_dim rounded up to 32: channels held in shared memory
+  int head_dim_padded;  // head_dim rounded up to 32: channels held in shared memory
   int page_block_size, max_blocks_per_seq, num_blocks;
   int num_heads_per_head_k, rows_per_head_k, num_sm_parts;
-  int partial_rows;         // rows allocated in partial_out: batch + num_sm_parts
+  int partial_rows;  // rows allocated in partial_out: batch + num_sm_parts
   int64_t q_stride_b, q_stride_s, q_stride_h;
   int64_t k_stride_block, k_stride_token, k_stride_head;
   int64_t block_table_stride;
-  float scale_log2;         // softmax_scale * log2(e): scores are kept in the log2 domain
+  float scale_log2;  // softmax_scale * log2(e): scores are kept in the log2 domain
   bool causal;
-  bool vec16;               // q and k rows are 16-byte aligned with head_dim % 8 == 0
+  bool vec16;  // q and k rows are 16-byte aligned with head_dim % 8 == 0
 };
 
 }  // namespace flashmla

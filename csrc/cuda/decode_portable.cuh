@@ -41,28 +41,34 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 
 // D += A B for one m16n8k16 tile, fp32 accumulators.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
 
@@ -123,7 +129,7 @@ __global__ void __launch_bounds__(MG * kWarpsN * 32, 1) mla_decode_portable_kern
   T* sK = reinterpret_cast<T*>(smem + L::q_bytes(p.head_dim_padded));  // 2 stages
   T* sP = reinterpret_cast<T*>(smem + L::q_bytes(p.head_dim_padded) + 2 * L::k_stage_bytes(p.head_dim_padded));
   float* sStats = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sP) + L::p_bytes);  // [kWarpsN][M]
-  unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + L::stats_bytes;             // [2][N]
+  unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + L::stats_bytes;            // [2][N]
   const size_t k_stage_elems = size_t(N) * row_elems;
 
   const int part = blockIdx.x;
@@ -151,11 +157,13 @@ __global__ void __launch_bounds__(MG * kWarpsN * 32, 1) mla_decode_portable_kern
     const int num_tiles = (t_end - t_begin + N - 1) / N;
     // Query rows of this tile: row r -> query position r / g, head hk * g + r % g. (Not needed,
     // and not loaded, when the piece has no tokens.) Committed with the first K tile.
-    if (num_tiles > 0) load_rows<T, THREADS>(sQ, M, row_elems, p, [&](int r) -> const T* {
-      const int row = row_base + r;
-      if (row >= p.rows_per_head_k) return nullptr;
-      return static_cast<const T*>(p.q) + b * p.q_stride_b + (row / g) * p.q_stride_s + (hk * g + row % g) * p.q_stride_h;
-    });
+    if (num_tiles > 0)
+      load_rows<T, THREADS>(sQ, M, row_elems, p, [&](int r) -> const T* {
+        const int row = row_base + r;
+        if (row >= p.rows_per_head_k) return nullptr;
+        return static_cast<const T*>(p.q) + b * p.q_stride_b + (row / g) * p.q_stride_s +
+               (hk * g + row % g) * p.q_stride_h;
+      });
     auto load_tile = [&](int t0, int stage) {
       load_rows<T, THREADS>(sK + stage * k_stage_elems, N, row_elems, p, [&](int j) -> const T* {
         const int t = t0 + j;

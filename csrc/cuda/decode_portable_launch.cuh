@@ -38,9 +38,12 @@ void launch_rows(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
 
 template <typename T>
 void launch_decode(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
-  if (p.rows_per_head_k <= 16) launch_rows<T, 1>(p, smem_limit, stream);
-  else if (p.rows_per_head_k <= 32) launch_rows<T, 2>(p, smem_limit, stream);
-  else launch_rows<T, 4>(p, smem_limit, stream);
+  if (p.rows_per_head_k <= 16)
+    launch_rows<T, 1>(p, smem_limit, stream);
+  else if (p.rows_per_head_k <= 32)
+    launch_rows<T, 2>(p, smem_limit, stream);
+  else
+    launch_rows<T, 4>(p, smem_limit, stream);
 }
 
 }  // namespace portable

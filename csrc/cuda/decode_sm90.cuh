@@ -30,9 +30,9 @@
 namespace flashmla {
 namespace sm90 {
 
-constexpr int kRows = 64;      // query rows per block (wgmma M)
-constexpr int kTokens = 64;    // tokens per tile
-constexpr int kDimV = 512;     // output channels
+constexpr int kRows = 64;    // query rows per block (wgmma M)
+constexpr int kTokens = 64;  // tokens per tile
+constexpr int kDimV = 512;   // output channels
 constexpr int kStages = 2;
 constexpr int kConsumerThreads = 256;
 constexpr int kThreads = 128 + kConsumerThreads;
@@ -79,7 +79,9 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Barrier 1: the 256 consumer threads only (the producer never waits on it).
-__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory"); }
+__device__ __forceinline__ void consumer_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+}
 
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
@@ -115,52 +117,58 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
 // S (64 x 32, fp32) += A (64 x 16, K-major smem) * B (32 x 16, K-major smem)^T
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t da, uint64_t db) {
-#define FLASHMLA_WGMMA_N32(TY)                                                                          \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                             \
-               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "                             \
-               "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),      \
-                 "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
-                 "+f"(d[14]), "+f"(d[15])                                                               \
-               : "l"(da), "l"(db))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) FLASHMLA_WGMMA_N32("bf16");
-  else FLASHMLA_WGMMA_N32("f16");
+#define FLASHMLA_WGMMA_N32(TY)                                                                                      \
+  asm volatile(                                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                                    \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY                                                       \
+      " "                                                                                                           \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"                      \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])                    \
+      : "l"(da), "l"(db))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    FLASHMLA_WGMMA_N32("bf16");
+  else
+    FLASHMLA_WGMMA_N32("f16");
 #undef FLASHMLA_WGMMA_N32
 }
 
 // O (64 x 256, fp32) += A (64 x 16, K-major smem) * B (16 x 256, MN-major smem)
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
-#define FLASHMLA_WGMMA_N256(TY)                                                                                   \
-  asm volatile(                                                                                                   \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                                  \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " "                                                \
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"   \
-      "%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,"  \
-      "%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"  \
-      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104," \
-      "%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125," \
-      "%126,%127}, %128, %129, p, 1, 1, 0, 1;\n}\n"                                                               \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),           \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),     \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),   \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),   \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),   \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),   \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),   \
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),   \
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),   \
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),   \
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),   \
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),             \
-        "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),         \
-        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]),         \
-        "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]),         \
-        "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])                                                    \
+#define FLASHMLA_WGMMA_N256(TY)                                                                                      \
+  asm volatile(                                                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                                     \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY                                                       \
+      " "                                                                                                            \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"      \
+      "%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,"     \
+      "%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"     \
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,"    \
+      "%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,"    \
+      "%126,%127}, %128, %129, p, 1, 1, 0, 1;\n}\n"                                                                  \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),       \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),      \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),      \
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),      \
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),      \
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),      \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),      \
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),      \
+        "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),      \
+        "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]),      \
+        "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]),      \
+        "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), \
+        "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),            \
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]),            \
+        "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),            \
+        "+f"(d[126]), "+f"(d[127])                                                                                   \
       : "l"(da), "l"(db))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) FLASHMLA_WGMMA_N256("bf16");
-  else FLASHMLA_WGMMA_N256("f16");
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    FLASHMLA_WGMMA_N256("bf16");
+  else
+    FLASHMLA_WGMMA_N256("f16");
 #undef FLASHMLA_WGMMA_N256
 }
 
@@ -214,9 +222,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   unsigned char* sQ = smem;
   unsigned char* sKV = sQ + S::q_bytes;  // kStages stages
   unsigned char* sP = sKV + kStages * S::stage_bytes;
-  float* sStats = reinterpret_cast<float*>(sP + S::p_bytes);                      // [2 consumers][64 rows]
+  float* sStats = reinterpret_cast<float*>(sP + S::p_bytes);                          // [2 consumers][64 rows]
   unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + S::stats_bytes;  // [stage][token]
-  const uint32_t full_bar = smem_u32(sValid + S::valid_bytes);                    // kStages x 8 bytes
+  const uint32_t full_bar = smem_u32(sValid + S::valid_bytes);                        // kStages x 8 bytes
   const uint32_t empty_bar = full_bar + kStages * 8;
 
   const int tid = threadIdx.x;
@@ -265,8 +273,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             const int block_coord = block_ok ? block : p.num_blocks;
 #pragma unroll
             for (int slice = 0; slice < S::kSlices; ++slice)
-              tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk,
-                          block_coord, full_bar + 8 * stage);
+              tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk, block_coord,
+                          full_bar + 8 * stage);
           }
         } else {
           gather_rows<D, 128>(dst, tid, static_cast<const T*>(p.k_cache), [&](int j) -> const T* {
@@ -290,8 +298,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   } else {
     // ----------------------------------------------------------------------------- consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
-    const int ctid = tid - 128;          // 0..255
-    const int cw = ctid / 128;           // consumer warpgroup: token half for S, channel half for O
+    const int ctid = tid - 128;  // 0..255
+    const int cw = ctid / 128;   // consumer warpgroup: token half for S, channel half for O
     const int lane = tid % 32;
     const int row_lo = ((ctid % 128) / 32) * 16 + lane / 4;  // accumulator rows row_lo, row_lo + 8
     int it = 0;
@@ -310,11 +318,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         consumer_sync();
       }
       float o[128];
-  #pragma unroll
+#pragma unroll
       for (int i = 0; i < 128; ++i) o[i] = 0.f;
       float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
       int last_visible[2];
-  #pragma unroll
+#pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = row_base + row_lo + 8 * h;
         last_visible[h] = p.causal ? pc.seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : pc.seqlen - 1;
@@ -341,12 +349,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 
         // S = Q K^T for tokens [32 cw, 32 cw + 32).
         float s[16];
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < 16; ++i) s[i] = 0.f;
         wgmma_fence();
-  #pragma unroll
+#pragma unroll
         for (int slice = 0; slice < S::kSlices; ++slice) {
-  #pragma unroll
+#pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
             const uint64_t da = make_desc(smem_u32(sQ) + slice * kSliceBytes + kk * 32, 16, 1024);
             const uint64_t db = make_desc(kv_addr + slice * kSliceBytes + cw * 32 * 128 + kk * 32, 16, 1024);
@@ -358,9 +366,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 
         // Mask and scale. s[4j + e]: token 32 cw + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
         float tile_max[2] = {-INFINITY, -INFINITY};
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
-  #pragma unroll
+#pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int jt = cw * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
             const int h = e / 2;
@@ -369,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
           }
         }
-  #pragma unroll
+#pragma unroll
         for (int h = 0; h < 2; ++h) {
           tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
           tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
@@ -380,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         }
         consumer_sync();
         float rescale[2];
-  #pragma unroll
+#pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float m_new = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
           const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: keep P = 0
@@ -389,9 +397,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           row_sum[h] *= rescale[h];
         }
         // P -> sP (swizzled K-major 64 x 64), and this warpgroup's share of the row sums.
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
-  #pragma unroll
+#pragma unroll
           for (int h = 0; h < 2; ++h) {
             const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
             const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
@@ -401,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
           }
         }
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < 128; i += 4) {
           o[i] *= rescale[0];
           o[i + 1] *= rescale[0];
@@ -413,7 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         // O[:, 256 cw : +256] += P V. V channels 256 cw.. = slices 4 cw..4 cw+3 (8 KiB apart: the
         // MN-major atom stride); tokens 16 kt..+16 = two 8-row groups 1024 bytes apart.
         wgmma_fence();
-  #pragma unroll
+#pragma unroll
         for (int kt = 0; kt < kTokens / 16; ++kt) {
           const uint64_t da = make_desc(smem_u32(sP) + kt * 32, 16, 1024);
           const uint64_t db = make_desc(kv_addr + (4 * cw) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
@@ -425,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       }
 
       // Row sums: add the two warpgroups' shares, then write.
-  #pragma unroll
+#pragma unroll
       for (int h = 0; h < 2; ++h) {
         row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 1);
         row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 2);
@@ -435,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         sStats[cw * kRows + row_lo + 8] = row_sum[1];
       }
       consumer_sync();
-  #pragma unroll
+#pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = row_lo + 8 * h;
         const float total = sStats[r] + sStats[kRows + r];
@@ -449,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         const int col0 = cw * 256 + (lane % 4) * 2;
         if (pc.whole) {
           T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * kDimV + col0;
-  #pragma unroll
+#pragma unroll
           for (int j = 0; j < 32; ++j)
             *reinterpret_cast<typename DT::pair*>(dst + 8 * j) =
                 DT::make_pair(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
@@ -457,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         } else {
           const int64_t prow = (int64_t(pc.split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
           float* dst = p.partial_out + prow * kDimV + col0;
-  #pragma unroll
+#pragma unroll
           for (int j = 0; j < 32; ++j)
             *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
           if (cw == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;

@@ -35,7 +35,8 @@ CUtensorMap make_kv_map(const DecodeParams& p) {
                                  cuuint64_t(p.k_stride_block) * sizeof(T)};
   const cuuint32_t box[4] = {64, kTokens, 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const auto dtype = std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const auto dtype =
+      std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const CUresult rc = tensor_map_encoder()(&map, dtype, 4, const_cast<void*>(p.k_cache), dims, strides, box,
                                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -60,9 +61,12 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
 template <typename T>
 bool launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.head_dim_v != kDimV || !p.vec16) return false;
-  if (p.head_dim == 576) launch<T, 576>(p, stream);
-  else if (p.head_dim == 512) launch<T, 512>(p, stream);
-  else return false;
+  if (p.head_dim == 576)
+    launch<T, 576>(p, stream);
+  else if (p.head_dim == 512)
+    launch<T, 512>(p, stream);
+  else
+    return false;
   return true;
 }
 

@@ -6,13 +6,16 @@
 
 namespace flashmla {
 
-template <typename T> struct Dtype;
-template <> struct Dtype<__nv_bfloat16> {
+template <typename T>
+struct Dtype;
+template <>
+struct Dtype<__nv_bfloat16> {
   using pair = __nv_bfloat162;
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   static __device__ __forceinline__ pair make_pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
-template <> struct Dtype<__half> {
+template <>
+struct Dtype<__half> {
   using pair = __half2;
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ pair make_pair(float a, float b) { return __floats2half2_rn(a, b); }

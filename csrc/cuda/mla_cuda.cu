@@ -52,9 +52,8 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
 constexpr int kScheduleThreads = 256;
 constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
 
-__global__ void __launch_bounds__(kScheduleThreads) build_schedule_kernel(const int* seqlens, int batch,
-                                                                          int num_sm_parts, int* metadata,
-                                                                          int* num_splits) {
+__global__ void __launch_bounds__(kScheduleThreads)
+    build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, int* metadata, int* num_splits) {
   __shared__ int staged[kMaxStagedBatch];
   const bool stage = batch <= kMaxStagedBatch;
   if (stage) {
@@ -64,8 +63,8 @@ __global__ void __launch_bounds__(kScheduleThreads) build_schedule_kernel(const 
   if (threadIdx.x == 0) build_schedule(stage ? staged : seqlens, batch, num_sm_parts, metadata, num_splits);
 }
 
-std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens,
-                                                         int64_t num_heads_per_head_k, int64_t num_heads_k) {
+std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens, int64_t num_heads_per_head_k,
+                                                         int64_t num_heads_k) {
   check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k);
   const c10::cuda::CUDAGuard guard(cache_seqlens.device());
   const int64_t batch = cache_seqlens.size(0);
@@ -105,10 +104,10 @@ bool try_launch_sm90(const DecodeParams& p, bool is_bf16, const DeviceFacts& dev
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                                        const std::optional<at::Tensor>& v_cache,
-                                                        int64_t head_dim_v, const at::Tensor& cache_seqlens,
-                                                        const at::Tensor& block_table, double softmax_scale,
-                                                        bool causal, const at::Tensor& tile_scheduler_metadata,
+                                                        const std::optional<at::Tensor>& v_cache, int64_t head_dim_v,
+                                                        const at::Tensor& cache_seqlens, const at::Tensor& block_table,
+                                                        double softmax_scale, bool causal,
+                                                        const at::Tensor& tile_scheduler_metadata,
                                                         const at::Tensor& num_splits) {
   const MlaShapes s = check_fwd_args(q, k_cache, v_cache, head_dim_v, cache_seqlens, block_table, softmax_scale,
                                      tile_scheduler_metadata, num_splits);
@@ -123,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   auto splits = num_splits.contiguous();
   // Partial results: at most batch + num_sm_parts - 1 pieces (csrc/schedule.h invariant).
   const int64_t partial_rows = s.batch + s.num_sm_parts;
-  auto partial_out = at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k, s.head_dim_v},
-                               q.options().dtype(at::kFloat));
+  auto partial_out =
+      at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k, s.head_dim_v}, q.options().dtype(at::kFloat));
   auto partial_lse = at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k}, q.options().dtype(at::kFloat));
 
   DecodeParams p{};
@@ -162,8 +161,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.scale_log2 = float(softmax_scale * M_LOG2E);
   p.causal = causal;
   p.vec16 = s.head_dim % 8 == 0 && aligned16(p.q) && aligned16(p.k_cache) && q.stride(0) % 8 == 0 &&
-            q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && k_cache.stride(0) % 8 == 0 &&
-            k_cache.stride(1) % 8 == 0 && k_cache.stride(2) % 8 == 0;
+            q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
+            k_cache.stride(2) % 8 == 0;
   TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
               "flash_mla_with_kvcache: k_cache is too large");
 
@@ -177,8 +176,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
               "flash_mla_with_kvcache: FLASHMLA_KERNEL=sm90 but the Hopper kernel does not apply here (needs an "
               "sm_90a build, an sm_90 GPU, head_dim 576 or 512, head_dim_v 512, 16-byte aligned rows)");
   if (!launched) {
-    if (is_bf16) launch_portable_decode_bf16(p, dev.smem_optin, stream);
-    else launch_portable_decode_fp16(p, dev.smem_optin, stream);
+    if (is_bf16)
+      launch_portable_decode_bf16(p, dev.smem_optin, stream);
+    else
+      launch_portable_decode_fp16(p, dev.smem_optin, stream);
   }
   launch_combine(p, is_bf16, stream);
   return {out, lse};

@@ -49,7 +49,7 @@ __device__ __forceinline__ void copy_part(Elem* dst, const Elem* src, int64_t co
 }
 
 template <typename Elem, typename Index, typename Vec>
-__global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
+__global__ void __launch_bounds__(kWarpSize* kWarpsPerBlock)
     write_kvcache_kernel(const WriteKvcacheParams<Elem, Index> p) {
   const WriteKvcacheShapes& s = p.s;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
@@ -76,12 +76,13 @@ int64_t copy_width_bytes(const WriteKvcacheShapes& s, int64_t elem, const void* 
   if (s.kv_c_stride_channel != 1 || s.k_pe_stride_channel != 1) return elem;
   for (const int64_t width : {16, 8, 4}) {
     if (width <= elem) break;
-    const bool aligned =
-        multiple_of(reinterpret_cast<uintptr_t>(kv_c), width) && multiple_of(reinterpret_cast<uintptr_t>(k_pe), width) &&
-        multiple_of(reinterpret_cast<uintptr_t>(cache), width) && multiple_of(s.d_c * elem, width) &&
-        multiple_of(s.d_pe * elem, width) && multiple_of(s.kv_c_stride_token * elem, width) &&
-        multiple_of(s.k_pe_stride_token * elem, width) && multiple_of(s.cache_stride_block * elem, width) &&
-        multiple_of(s.cache_stride_token * elem, width);
+    const bool aligned = multiple_of(reinterpret_cast<uintptr_t>(kv_c), width) &&
+                         multiple_of(reinterpret_cast<uintptr_t>(k_pe), width) &&
+                         multiple_of(reinterpret_cast<uintptr_t>(cache), width) && multiple_of(s.d_c * elem, width) &&
+                         multiple_of(s.d_pe * elem, width) && multiple_of(s.kv_c_stride_token * elem, width) &&
+                         multiple_of(s.k_pe_stride_token * elem, width) &&
+                         multiple_of(s.cache_stride_block * elem, width) &&
+                         multiple_of(s.cache_stride_token * elem, width);
     if (aligned) return width;
   }
   return elem;
@@ -107,10 +108,14 @@ void run(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tensor& k_cac
   p.s = s;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (copy_width_bytes(s, sizeof(Elem), p.kv_c, p.k_pe, p.cache)) {
-    case 16: return launch<Elem, Index, uint4>(p, stream);
-    case 8: return launch<Elem, Index, uint2>(p, stream);
-    case 4: return launch<Elem, Index, uint32_t>(p, stream);
-    default: return launch<Elem, Index, Elem>(p, stream);
+    case 16:
+      return launch<Elem, Index, uint4>(p, stream);
+    case 8:
+      return launch<Elem, Index, uint2>(p, stream);
+    case 4:
+      return launch<Elem, Index, uint32_t>(p, stream);
+    default:
+      return launch<Elem, Index, Elem>(p, stream);
   }
 }
 
