@@ -12,6 +12,11 @@ OUT=$FINAL_OUT/work
 mkdir -p "$OUT"
 STAGES=${*:-build smoke tests sanitize bench}
 PY=${PY:-python3}
+# The GPU image sets CXX=/opt/gcc/bin/g++, which links libstdc++ statically: code that inductor
+# compiles with it (torch.compile CPU kernels, AOTInductor packages) then carries a second libstdc++
+# into a process that already has one, and crashed there (SIGSEGV in std::regex while loading a
+# package; a segfault later in the same pytest process). Use the system compiler when it exists.
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
 export PYTHONPATH=$PWD:$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
 summary=()
 
