@@ -107,11 +107,18 @@ void attend_piece(const CpuParams<T>& p, int64_t b, int64_t hk, int64_t t_begin,
   auto acct = at::from_blob(acc, {rows, dv}, at::kFloat);
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kTileTokens) {
     const int64_t n = std::min(kTileTokens, t_end - t0);
-    for (int64_t j = 0; j < n; ++j) {  // gather token t0 + j from its page
+    // Gather tokens [t0, t0 + n) page by page; a page's rows are one run when they are contiguous.
+    for (int64_t j = 0; j < n;) {
       const int64_t t = t0 + j;
       const int64_t block = p.block_table[b * s.max_blocks_per_seq + t / s.page_block_size];
+      const int64_t run = std::min(n - j, s.page_block_size - t % s.page_block_size);
       const T* src = p.k + block * p.k_stride_block + (t % s.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
-      to_float(src, kf + j * d, d);
+      if (p.k_stride_token == d) {
+        to_float(src, kf + j * d, run * d);
+      } else {
+        for (int64_t r = 0; r < run; ++r) to_float(src + r * p.k_stride_token, kf + (j + r) * d, d);
+      }
+      j += run;
     }
     auto kt = at::from_blob(kf, {n, d}, at::kFloat);
     auto st_n = st.narrow(1, 0, n);
