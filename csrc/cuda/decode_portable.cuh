@@ -1,18 +1,62 @@
-// Portable split-KV MLA decode (sm_80+): tensor cores through mma.sync m16n8k16, cp.async tiles.
+// Portable split-KV MLA decode (sm_80+): tensor cores through mma.sync m16n8k16, ldmatrix, and a
+// multi-stage cp.async pipeline.
 //
-// One thread block = one worker of the schedule (blockIdx.x), one KV head and one tile of up to
-// 16 * MG query rows (blockIdx.y), one chunk of up to kColsPerBlock output channels (blockIdx.z).
-// Warps form an MG x kWarpsN grid: warp (mg, wn) owns query rows [16 mg, 16 mg + 16) and
+// ---- Work of one thread block ----------------------------------------------------------------
+// One block = one worker of the schedule (blockIdx.x), one KV head and one tile of up to M = 16 MG
+// query rows (blockIdx.y), one chunk of up to kColsPerBlock = 512 output channels (blockIdx.z;
+// head_dim_v > 512 takes several chunks, each recomputing S for its own channels).
+// Query row r of a KV head is query position r / g, query head hk * g + r % g (g = heads per KV
+// head). Rows past rows_per_head_k are zero in shared memory, computed and never written.
+//
+// Warps form a (MG / MW) x kWarpsN grid. Warp (rw, wn) owns the MW m16 row groups
+// [16 MW rw, 16 MW (rw + 1)) of the tile (MW = 2: 32 rows, so every K or V fragment that
+// ldmatrix brings in feeds two mma's), and
 //   - for S = Q K^T: tokens [wn N/4, (wn + 1) N/4) of the tile,
-//   - for O += P V: output channels [wn * 128, wn * 128 + 128) of the chunk.
-// So the softmax row statistics are exchanged through shared memory once per tile, and P goes
-// through shared memory from the warps that computed it to the warps that consume it.
+//   - for O += P V: output channels [wn 128, wn 128 + 128) of the chunk (O: MW x 16 n8 tiles).
+// Row maxima are exchanged through sStats once per tile, and P (as T) goes through sP from the
+// warps that computed it (token split) to the warps that consume it (channel split).
 //
-// Per tile of N tokens (double-buffered cp.async; tokens past the piece or in out-of-range blocks
-// are zero-filled and masked to -inf, so NaN in unused cache slots never reaches the math):
-//   s = (q . k) * scale * log2(e);  m' = max(m, rowmax s);  p = 2^(s - m')
+// ---- Pipeline (STAGES K/V stages of N tokens; V = the first head_dim_v channels of K) --------
+// Prologue: Q (no own group) and tiles 0 .. STAGES-2, one cp.async group each (tile 0's group also
+// carries Q). Tiles past the piece commit empty groups, so every tile index has exactly one group.
+// Tile i: cp.async.wait_group<STAGES-2> (groups newer than tile i's: tiles i+1 .. i+STAGES-2) ->
+// __syncthreads (#1: tile i visible to all; every warp finished tile i-1, so its stage, sValid row,
+// sP and sStats are free) -> look up tile i+STAGES-1's rows in the block table (global loads, into
+// registers) -> S = Q K^T (hides the lookup latency) -> issue tile i+STAGES-1's copies into stage
+// (i-1) % STAGES and commit (an empty group past the piece) -> row maxima to sStats -> #2 ->
+// P to sP, rescale O -> #3 -> O += P V. No barrier at the end of the tile: the next tile's #1
+// protects everything the next tile overwrites; the epilogue's sStats writes follow the last #3.
+// While tile i is computed, tiles i+1 .. i+STAGES-1 are in flight.
+// sValid[stage][j] says whether token j of the stage's tile exists (t < t_end and its block id is
+// in range); it is written with plain stores by the issuing threads and read after barrier #1.
+// Tokens that do not exist are zero-filled (cp.async with src-size 0, or element stores), so NaN in
+// unused cache slots never reaches the math, and masked to -inf (as are causal-invisible tokens).
+//
+// ---- Shared memory layout (bytes, in this order; host and device share SmemLayout) -----------
+//   sQ      M rows x RE elements                 (RE = row_elems(head_dim_padded))
+//   sK      STAGES x N rows x RE elements
+//   sP      M rows x (N + 8) elements            (+8: 16-byte pad, ldmatrix conflict free)
+//   sStats  kWarpsN x M floats                   (row maxima per tile; row sums at the end)
+//   sValid  STAGES x N bytes
+// Q and K rows: when head_dim_padded % 64 == 0 (e.g. 576, 512) RE = head_dim_padded and the 16-byte
+// chunks of a row are XOR-swizzled: logical chunk c of row r lives at chunk c ^ (r % 8) (only the
+// low 3 bits change, so a chunk stays in its 128-byte group). Otherwise (head_dim_padded % 64 == 32)
+// RE = head_dim_padded + 8 and chunks are not swizzled (the 16-byte pad staggers the banks).
+// Both cases are one formula: physical chunk = c ^ (r & xmask), xmask = 7 or 0. Every ldmatrix
+// reads 8 rows r0 .. r0+7 (r0 % 8 == 0) at one logical chunk, so each 8-lane phase touches 8
+// distinct 16-byte bank groups: conflict free for ldmatrix and ldmatrix.trans alike. All rows a
+// lane addresses in ldmatrix are = lane (mod 8), so its swizzle key is lx = lane & 7 & xmask and the
+// per-lane chunk offsets are precomputed: chunk (8a + b) of any row a lane reads sits at
+// 8a + (b ^ lx), b < 8.
+// Channels head_dim .. head_dim_padded of Q and K are zero.
+//
+// ---- Online softmax (log2 domain) -----------------------------------------------------------
+//   s = (q . k) * scale * log2(e)  (-inf where masked);  m' = max(m, rowmax s);  p = 2^(s - m')
 //   O = O * 2^(m - m') + p V;  l = l * 2^(m - m') + rowsum p   (each warp keeps its share of l)
-// At the end l is summed over the warps, out = O / l and lse = (m + log2 l) * ln 2.
+// A row that has seen nothing keeps m = -inf and uses exponent base 0 (so p = 0, rescale = 1).
+// At the end l is summed over the kWarpsN warps of the row, out = O / l and
+// lse = (m + log2 l) * ln 2; a row with l = 0 writes out = 0 and lse = +inf (whole piece) or
+// -inf (split piece, so the combine gives it weight 0).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,8 +72,14 @@ namespace portable {
 constexpr int kWarpsN = 4;
 constexpr int kColsPerWarp = 128;
 constexpr int kColsPerBlock = kWarpsN * kColsPerWarp;  // 512
-constexpr int kSmemPad = 8;                            // elements added to each shared row (16 bytes)
+constexpr int kSmemPad = 8;                            // elements added to padded rows (16 bytes)
 constexpr float kLn2 = 0.6931471805599453f;
+
+// Q/K row layout in shared memory (see the header comment).
+__host__ __device__ inline bool smem_swizzled(int head_dim_padded) { return head_dim_padded % 64 == 0; }
+__host__ __device__ inline int smem_row_elems(int head_dim_padded) {
+  return smem_swizzled(head_dim_padded) ? head_dim_padded : head_dim_padded + kSmemPad;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -73,64 +123,66 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 
 // Shared-memory footprint of a configuration, in bytes (host and device agree on this layout).
-template <typename T, int MG, int N>
+template <typename T, int MG, int N, int STAGES>
 struct SmemLayout {
   static constexpr int M = 16 * MG;
-  __host__ __device__ static int row_elems(int head_dim_padded) { return head_dim_padded + kSmemPad; }
-  __host__ __device__ static size_t q_bytes(int hdp) { return size_t(M) * row_elems(hdp) * sizeof(T); }
-  __host__ __device__ static size_t k_stage_bytes(int hdp) { return size_t(N) * row_elems(hdp) * sizeof(T); }
+  __host__ __device__ static size_t q_bytes(int hdp) { return size_t(M) * smem_row_elems(hdp) * sizeof(T); }
+  __host__ __device__ static size_t k_stage_bytes(int hdp) { return size_t(N) * smem_row_elems(hdp) * sizeof(T); }
   static constexpr size_t p_bytes = size_t(M) * (N + kSmemPad) * sizeof(T);
   static constexpr size_t stats_bytes = size_t(kWarpsN) * M * sizeof(float);
-  static constexpr size_t valid_bytes = 2 * N;
+  static constexpr size_t valid_bytes = size_t(STAGES) * N;
   __host__ __device__ static size_t total(int hdp) {
-    return q_bytes(hdp) + 2 * k_stage_bytes(hdp) + p_bytes + stats_bytes + valid_bytes;
+    return q_bytes(hdp) + STAGES * k_stage_bytes(hdp) + p_bytes + stats_bytes + valid_bytes;
   }
 };
 
-// Copies `rows` rows of `hdp` channels into shared memory (row stride row_elems). Row r comes from
-// src_of(r) (nullptr = zeros); channels >= head_dim are zero. 8 threads per row, 16 bytes each.
-template <typename T, int THREADS, typename SrcOf>
-__device__ __forceinline__ void load_rows(T* dst, int rows, int row_elems, const DecodeParams& p, SrcOf src_of) {
+// Copies one row of head_dim_padded channels into shared memory at `d` (chunk c at chunk c ^ x).
+// The row comes from src (nullptr = zeros); channels >= head_dim are zero. 8 threads per row, 16
+// bytes each. vec16: cp.async (the caller commits); else element copies (plain stores, visible
+// after the next barrier).
+template <typename T>
+__device__ __forceinline__ void copy_row(T* d, const T* src, int x, const DecodeParams& p) {
   constexpr int kThreadsPerRow = 8;
-  constexpr int kRowsPerPass = THREADS / kThreadsPerRow;
   const int tid = threadIdx.x;
-  const int chunks = p.head_dim_padded / 8;
-  for (int r0 = 0; r0 < rows; r0 += kRowsPerPass) {
-    const int r = r0 + tid / kThreadsPerRow;
-    if (r >= rows) break;
-    const T* src = src_of(r);
-    T* d = dst + r * row_elems;
-    if (p.vec16) {
-      for (int c = tid % kThreadsPerRow; c < chunks; c += kThreadsPerRow) {
-        const bool live = src != nullptr && c * 8 < p.head_dim;
-        cp_async_16(d + c * 8, live ? src + c * 8 : static_cast<const T*>(p.k_cache), live ? 16 : 0);
-      }
-    } else {  // unaligned rows or head_dim % 8 != 0: element copies
-      for (int c = tid % kThreadsPerRow; c < p.head_dim_padded; c += kThreadsPerRow) {
-        d[c] = (src != nullptr && c < p.head_dim) ? src[c] : Dtype<T>::from_float(0.f);
-      }
+  if (p.vec16) {
+    const int chunks = p.head_dim_padded / 8;
+    for (int c = tid % kThreadsPerRow; c < chunks; c += kThreadsPerRow) {
+      const bool live = src != nullptr && c * 8 < p.head_dim;
+      cp_async_16(d + ((c ^ x) << 3), live ? src + c * 8 : static_cast<const T*>(p.k_cache), live ? 16 : 0);
+    }
+  } else {  // unaligned rows or head_dim % 8 != 0: element copies
+    for (int c = tid % kThreadsPerRow; c < p.head_dim_padded; c += kThreadsPerRow) {
+      d[(((c >> 3) ^ x) << 3) | (c & 7)] = (src != nullptr && c < p.head_dim) ? src[c] : Dtype<T>::from_float(0.f);
     }
   }
 }
 
-template <typename T, int MG, int N>
-__global__ void __launch_bounds__(MG * kWarpsN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
+template <typename T, int MG, int MW, int N, int STAGES>
+__global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
   constexpr int M = 16 * MG;
-  constexpr int THREADS = MG * kWarpsN * 32;
+  constexpr int THREADS = (MG / MW) * kWarpsN * 32;
   constexpr int kTokensPerWarp = N / kWarpsN;
   constexpr int kNT = kTokensPerWarp / 8;  // n8 tiles of S per warp
+  constexpr int kPStride = N + kSmemPad;
+  constexpr int kOT = kColsPerWarp / 8;      // n8 tiles of O per row group
+  constexpr int kRowsPerPass = THREADS / 8;  // rows copied at once (8 threads x 16 bytes per row)
+  constexpr int kPasses = (N + kRowsPerPass - 1) / kRowsPerPass;
   static_assert(kTokensPerWarp % 8 == 0, "each warp needs whole n8 tiles of tokens");
-  using L = SmemLayout<T, MG, N>;
+  static_assert(MG % MW == 0 && (MW == 1 || MW == 2), "row groups per warp");
+  static_assert(STAGES >= 2, "at least double buffering");
+  using L = SmemLayout<T, MG, N, STAGES>;
   using DT = Dtype<T>;
 
   extern __shared__ __align__(128) unsigned char smem[];
-  const int row_elems = L::row_elems(p.head_dim_padded);
+  const int hdp = p.head_dim_padded;
+  const int row_elems = smem_row_elems(hdp);
+  const int xmask = smem_swizzled(hdp) ? 7 : 0;
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = reinterpret_cast<T*>(smem + L::q_bytes(p.head_dim_padded));  // 2 stages
-  T* sP = reinterpret_cast<T*>(smem + L::q_bytes(p.head_dim_padded) + 2 * L::k_stage_bytes(p.head_dim_padded));
+  T* sK = reinterpret_cast<T*>(smem + L::q_bytes(hdp));  // STAGES stages
+  T* sP = reinterpret_cast<T*>(smem + L::q_bytes(hdp) + STAGES * L::k_stage_bytes(hdp));
   float* sStats = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sP) + L::p_bytes);  // [kWarpsN][M]
-  unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + L::stats_bytes;            // [2][N]
-  const size_t k_stage_elems = size_t(N) * row_elems;
+  unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + L::stats_bytes;            // [STAGES][N]
+  const int k_stage_elems = N * row_elems;
 
   const int part = blockIdx.x;
   const int m_blocks = (p.rows_per_head_k + M - 1) / M;
@@ -138,9 +190,20 @@ __global__ void __launch_bounds__(MG * kWarpsN * 32, 1) mla_decode_portable_kern
   const int row_base = (blockIdx.y % m_blocks) * M;
   const int col_base = blockIdx.z * kColsPerBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int mg = warp / kWarpsN, wn = warp % kWarpsN;
+  const int rw = warp / kWarpsN, wn = warp % kWarpsN;
+  const int warp_row0 = rw * 16 * MW;  // this warp's first row in the tile
   const int g = p.num_heads_per_head_k;
   const int capacity = p.max_blocks_per_seq * p.page_block_size;
+
+  // Per-lane ldmatrix offsets (elements) inside a 64-channel group: chunk b (< 8) of a row this
+  // lane addresses sits at chunk b ^ lx.
+  const int lx = lane & 7 & xmask;
+  int off2[4];  // chunk 2b + lane / 16: Q (A operand) and V (trans B operand)
+#pragma unroll
+  for (int b = 0; b < 4; ++b) off2[b] = ((2 * b + lane / 16) ^ lx) << 3;
+  int off4[2];  // chunk 4h + lane / 8: K (B operand)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) off4[h] = ((4 * h + lane / 8) ^ lx) << 3;
 
   const int* md = p.metadata + part * kMetadataWidth;
   const int begin_batch = max(md[0], 0), end_batch = min(md[2], p.batch - 1);
@@ -155,200 +218,280 @@ __global__ void __launch_bounds__(MG * kWarpsN * 32, 1) mla_decode_portable_kern
     const int* table = p.block_table + int64_t(b) * p.block_table_stride;
 
     const int num_tiles = (t_end - t_begin + N - 1) / N;
-    // Query rows of this tile: row r -> query position r / g, head hk * g + r % g. (Not needed,
-    // and not loaded, when the piece has no tokens.) Committed with the first K tile.
-    if (num_tiles > 0)
-      load_rows<T, THREADS>(sQ, M, row_elems, p, [&](int r) -> const T* {
+    // Query rows of this tile (not needed, and not loaded, when the piece has no tokens). Their
+    // cp.async's join tile 0's group.
+    if (num_tiles > 0) {
+      for (int r = threadIdx.x / 8; r < M; r += kRowsPerPass) {
         const int row = row_base + r;
-        if (row >= p.rows_per_head_k) return nullptr;
-        return static_cast<const T*>(p.q) + b * p.q_stride_b + (row / g) * p.q_stride_s +
-               (hk * g + row % g) * p.q_stride_h;
-      });
-    auto load_tile = [&](int t0, int stage) {
-      load_rows<T, THREADS>(sK + stage * k_stage_elems, N, row_elems, p, [&](int j) -> const T* {
+        const T* src = row < p.rows_per_head_k ? static_cast<const T*>(p.q) + b * p.q_stride_b +
+                                                     (row / g) * p.q_stride_s + (hk * g + row % g) * p.q_stride_h
+                                               : nullptr;
+        copy_row<T>(sQ + r * row_elems, src, r & xmask, p);
+      }
+    }
+    // K tiles load in two steps: tile_sources looks the rows up in the block table (global loads),
+    // issue_tile writes sValid and starts the copies. In the main loop the S phase runs in between,
+    // hiding the lookup latency. This thread copies rows j = q * kRowsPerPass + threadIdx.x / 8.
+    auto tile_sources = [&](int t0, const T*(&src)[kPasses]) {
+#pragma unroll
+      for (int q = 0; q < kPasses; ++q) {
+        const int j = q * kRowsPerPass + threadIdx.x / 8;
         const int t = t0 + j;
-        const T* src = nullptr;
-        if (t < t_end) {
+        src[q] = nullptr;
+        if (j < N && t < t_end) {
           const int block = table[t / p.page_block_size];
           if (block >= 0 && block < p.num_blocks) {
-            src = static_cast<const T*>(p.k_cache) + block * p.k_stride_block +
-                  (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
+            src[q] = static_cast<const T*>(p.k_cache) + block * p.k_stride_block +
+                     (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
           }
         }
-        if (threadIdx.x % 8 == 0) sValid[stage * N + j] = src != nullptr;
-        return src;
-      });
-      cp_async_commit();
-    };
-
-    float o[kColsPerWarp / 8][4];
-#pragma unroll
-    for (int i = 0; i < kColsPerWarp / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-    // This thread's rows (mma C layout) and the last token each may see.
-    int last_visible[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row_base + mg * 16 + lane / 4 + 8 * h;
-      last_visible[h] = p.causal ? seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : seqlen - 1;
-    }
-
-    if (num_tiles > 0) load_tile(t_begin, 0);
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      const int stage = tile & 1;
-      const int t0 = t_begin + tile * N;
-      if (tile + 1 < num_tiles) {
-        load_tile(t0 + N, stage ^ 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
       }
-      __syncthreads();
-      const T* k_tile = sK + stage * k_stage_elems;
-
-      // S = Q K^T for rows [16 mg, +16), tokens [wn * kTokensPerWarp, +kTokensPerWarp).
-      float s[kNT][4];
+    };
+    auto issue_tile = [&](const T* const(&src)[kPasses], int stage) {
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      const T* q_lane = sQ + (mg * 16 + lane % 16) * row_elems + (lane / 16) * 8;
-      for (int k0 = 0; k0 < p.head_dim_padded; k0 += 32) {
-        uint32_t a0[4], a1[4];
-        ldmatrix_x4(a0, q_lane + k0);
-        ldmatrix_x4(a1, q_lane + k0 + 16);
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          uint32_t bk[4];  // channels k0..k0+31 of 8 tokens: b0/b1 of two k-steps
-          ldmatrix_x4(bk, k_tile + (wn * kTokensPerWarp + j * 8 + lane % 8) * row_elems + k0 + (lane / 8) * 8);
-          mma_16816<T>(s[j], a0, bk[0], bk[1]);
-          mma_16816<T>(s[j], a1, bk[2], bk[3]);
+      for (int q = 0; q < kPasses; ++q) {
+        const int j = q * kRowsPerPass + threadIdx.x / 8;
+        if (j < N) {
+          if (threadIdx.x % 8 == 0) sValid[stage * N + j] = src[q] != nullptr;
+          copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src[q], j & xmask, p);
         }
       }
+    };
+
+    float o[MW][kOT][4];
+#pragma unroll
+    for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+      for (int i = 0; i < kOT; ++i) o[mw][i][0] = o[mw][i][1] = o[mw][i][2] = o[mw][i][3] = 0.f;
+    float row_max[MW][2], row_sum[MW][2];
+    // This thread's rows (mma C layout: lane / 4 and lane / 4 + 8 of each row group) and the last
+    // token each may see.
+    int last_visible[MW][2];
+#pragma unroll
+    for (int mw = 0; mw < MW; ++mw) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_max[mw][h] = -INFINITY;
+        row_sum[mw][h] = 0.f;
+        const int row = row_base + warp_row0 + mw * 16 + lane / 4 + 8 * h;
+        last_visible[mw][h] = p.causal ? seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : seqlen - 1;
+      }
+    }
+
+    // Prologue: tiles 0 .. STAGES-2, one group each (empty past the piece).
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+      if (st < num_tiles) {
+        const T* src[kPasses];
+        tile_sources(t_begin + st * N, src);
+        issue_tile(src, st);
+      }
+      cp_async_commit();
+    }
+    int stage = 0;                // stage of tile `tile`
+    int next_stage = STAGES - 1;  // stage of tile `tile + STAGES - 1`
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      const int t0 = t_begin + tile * N;
+      cp_async_wait<STAGES - 2>();  // tile's group (and Q) landed for this thread
+      __syncthreads();              // #1: ... for all threads; tile - 1 fully consumed
+      const bool prefetch = tile + STAGES - 1 < num_tiles;
+      const T* next_src[kPasses];
+      if (prefetch) tile_sources(t0 + (STAGES - 1) * N, next_src);
+      const T* k_tile = sK + stage * k_stage_elems;
+
+      // S = Q K^T for rows [warp_row0, + 16 MW), tokens [wn * kTokensPerWarp, + kTokensPerWarp).
+      float s[MW][kNT][4];
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) s[mw][j][0] = s[mw][j][1] = s[mw][j][2] = s[mw][j][3] = 0.f;
+      const T* q_lane = sQ + (warp_row0 + lane % 16) * row_elems;
+      const T* k_lane = k_tile + (wn * kTokensPerWarp + lane % 8) * row_elems;
+      for (int k0 = 0; k0 < hdp; k0 += 64) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (h == 1 && k0 + 32 >= hdp) break;  // head_dim_padded % 64 == 32 (unswizzled layout only)
+          uint32_t a[MW][2][4];                 // Q, channels k0 + 32h + [0, 16) and [16, 32)
+#pragma unroll
+          for (int mw = 0; mw < MW; ++mw) {
+            ldmatrix_x4(a[mw][0], q_lane + mw * 16 * row_elems + k0 + off2[2 * h]);
+            ldmatrix_x4(a[mw][1], q_lane + mw * 16 * row_elems + k0 + off2[2 * h + 1]);
+          }
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            uint32_t bk[4];  // channels k0 + 32h + [0, 32) of 8 tokens: b0/b1 of two k-steps
+            ldmatrix_x4(bk, k_lane + j * 8 * row_elems + k0 + off4[h]);
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw) {
+              mma_16816<T>(s[mw][j], a[mw][0], bk[0], bk[1]);
+              mma_16816<T>(s[mw][j], a[mw][1], bk[2], bk[3]);
+            }
+          }
+        }
+      }
+      // Start the copies of tile + STAGES - 1 into the stage tile - 1 used (free since #1).
+      if (prefetch) issue_tile(next_src, next_stage);
+      cp_async_commit();
       // Mask, scale, and this warp's row maxima.
-      float tile_max[2] = {-INFINITY, -INFINITY};
+      float tile_max[MW][2];
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw) tile_max[mw][0] = tile_max[mw][1] = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int jt = wn * kTokensPerWarp + j * 8 + (lane % 4) * 2 + (e & 1);
-          const int h = e / 2;
-          const bool ok = sValid[stage * N + jt] && t0 + jt <= last_visible[h];
-          s[j][e] = ok ? s[j][e] * p.scale_log2 : -INFINITY;
-          tile_max[h] = fmaxf(tile_max[h], s[j][e]);
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int jt = wn * kTokensPerWarp + j * 8 + (lane % 4) * 2 + e1;
+          const bool valid = sValid[stage * N + jt];
+#pragma unroll
+          for (int mw = 0; mw < MW; ++mw) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              float& x = s[mw][j][2 * h + e1];
+              x = valid && t0 + jt <= last_visible[mw][h] ? x * p.scale_log2 : -INFINITY;
+              tile_max[mw][h] = fmaxf(tile_max[mw][h], x);
+            }
+          }
         }
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
-        tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
-      }
-      if (lane % 4 == 0) {
-        sStats[wn * M + mg * 16 + lane / 4] = tile_max[0];
-        sStats[wn * M + mg * 16 + lane / 4 + 8] = tile_max[1];
-      }
-      __syncthreads();
-      float rescale[2];
+      for (int mw = 0; mw < MW; ++mw) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float m_new = row_max[h];
+        for (int h = 0; h < 2; ++h) {
+          tile_max[mw][h] = fmaxf(tile_max[mw][h], __shfl_xor_sync(0xffffffff, tile_max[mw][h], 1));
+          tile_max[mw][h] = fmaxf(tile_max[mw][h], __shfl_xor_sync(0xffffffff, tile_max[mw][h], 2));
+        }
+        if (lane % 4 == 0) {
+          sStats[wn * M + warp_row0 + mw * 16 + lane / 4] = tile_max[mw][0];
+          sStats[wn * M + warp_row0 + mw * 16 + lane / 4 + 8] = tile_max[mw][1];
+        }
+      }
+      __syncthreads();  // #2: row maxima of every warp
+      float rescale[MW][2];
 #pragma unroll
-        for (int w = 0; w < kWarpsN; ++w) m_new = fmaxf(m_new, sStats[w * M + mg * 16 + lane / 4 + 8 * h]);
-        // A row that has seen nothing yet keeps m = -inf; use 0 as the exponent base so p = 0.
-        const float base = m_new == -INFINITY ? 0.f : m_new;
-        rescale[h] = exp2f(row_max[h] - base);
-        row_max[h] = m_new;
-        row_sum[h] *= rescale[h];
+      for (int mw = 0; mw < MW; ++mw) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
+          float m_new = row_max[mw][h];
+#pragma unroll
+          for (int w = 0; w < kWarpsN; ++w) m_new = fmaxf(m_new, sStats[w * M + r]);
+          // A row that has seen nothing yet keeps m = -inf; use 0 as the exponent base so p = 0.
+          const float base = m_new == -INFINITY ? 0.f : m_new;
+          rescale[mw][h] = exp2f(row_max[mw][h] - base);
+          row_max[mw][h] = m_new;
+          row_sum[mw][h] *= rescale[mw][h];
+        }
       }
       // P = 2^(s - m) to shared memory (as T), and this warp's share of the row sums.
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
+      for (int mw = 0; mw < MW; ++mw) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
-          const float p0 = exp2f(s[j][2 * h] - base), p1 = exp2f(s[j][2 * h + 1] - base);
-          row_sum[h] += p0 + p1;
-          const int r = mg * 16 + lane / 4 + 8 * h;
-          const int c = wn * kTokensPerWarp + j * 8 + (lane % 4) * 2;
-          *reinterpret_cast<typename DT::pair*>(sP + r * (N + kSmemPad) + c) = DT::make_pair(p0, p1);
+          const float base = row_max[mw][h] == -INFINITY ? 0.f : row_max[mw][h];
+          const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            const float p0 = exp2f(s[mw][j][2 * h] - base), p1 = exp2f(s[mw][j][2 * h + 1] - base);
+            row_sum[mw][h] += p0 + p1;
+            const int c = wn * kTokensPerWarp + j * 8 + (lane % 4) * 2;
+            *reinterpret_cast<typename DT::pair*>(sP + r * kPStride + c) = DT::make_pair(p0, p1);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kOT; ++i) {
+          o[mw][i][0] *= rescale[mw][0];
+          o[mw][i][1] *= rescale[mw][0];
+          o[mw][i][2] *= rescale[mw][1];
+          o[mw][i][3] *= rescale[mw][1];
         }
       }
-#pragma unroll
-      for (int i = 0; i < kColsPerWarp / 8; ++i) {
-        o[i][0] *= rescale[0];
-        o[i][1] *= rescale[0];
-        o[i][2] *= rescale[1];
-        o[i][3] *= rescale[1];
-      }
-      __syncthreads();
-      // O += P V for rows [16 mg, +16), channels [col_base + wn * 128, +128).
-      const int col0 = col_base + wn * kColsPerWarp;
+      __syncthreads();  // #3: P of every warp
+      // O += P V for rows [warp_row0, + 16 MW), channels [col_base + wn * 128, + 128).
+      const int col0 = col_base + wn * kColsPerWarp;  // a multiple of 128: 64-channel aligned
 #pragma unroll
       for (int kt = 0; kt < N / 16; ++kt) {
-        uint32_t a[4];
-        ldmatrix_x4(a, sP + (mg * 16 + lane % 16) * (N + kSmemPad) + kt * 16 + (lane / 16) * 8);
-        const T* v_lane = k_tile + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * row_elems + col0 + (lane / 16) * 8;
+        uint32_t a[MW][4];
+#pragma unroll
+        for (int mw = 0; mw < MW; ++mw)
+          ldmatrix_x4(a[mw], sP + (warp_row0 + mw * 16 + lane % 16) * kPStride + kt * 16 + (lane / 16) * 8);
+        // Lanes 0-7 / 8-15: tokens kt*16 + [0, 8) / [8, 16) at chunk 2 n2; lanes 16-31: chunk 2 n2 + 1.
+        const T* v_lane = k_tile + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * row_elems + col0;
 #pragma unroll
         for (int n2 = 0; n2 < kColsPerWarp / 16; ++n2) {
           if (col0 + n2 * 16 < p.head_dim_v) {
             uint32_t bv[4];
-            ldmatrix_x4_trans(bv, v_lane + n2 * 16);
-            mma_16816<T>(o[2 * n2], a, bv[0], bv[1]);
-            mma_16816<T>(o[2 * n2 + 1], a, bv[2], bv[3]);
+            ldmatrix_x4_trans(bv, v_lane + (n2 / 4) * 64 + off2[n2 % 4]);
+#pragma unroll
+            for (int mw = 0; mw < MW; ++mw) {
+              mma_16816<T>(o[mw][2 * n2], a[mw], bv[0], bv[1]);
+              mma_16816<T>(o[mw][2 * n2 + 1], a[mw], bv[2], bv[3]);
+            }
           }
         }
       }
-      __syncthreads();  // the next iteration's cp.async overwrites this stage, sP and sStats
+      stage = stage + 1 == STAGES ? 0 : stage + 1;
+      next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
     }
 
-    // Sum the row sums over the warps that shared the tokens, then write.
+    // Sum the row sums over the warps that shared the tokens, then write. (Every warp is past the
+    // last tile's barrier #3, so nobody still reads the row maxima in sStats.)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 1);
-      row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 2);
-    }
-    if (lane % 4 == 0) {
-      sStats[wn * M + mg * 16 + lane / 4] = row_sum[0];
-      sStats[wn * M + mg * 16 + lane / 4 + 8] = row_sum[1];
+    for (int mw = 0; mw < MW; ++mw) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_sum[mw][h] += __shfl_xor_sync(0xffffffff, row_sum[mw][h], 1);
+        row_sum[mw][h] += __shfl_xor_sync(0xffffffff, row_sum[mw][h], 2);
+      }
+      if (lane % 4 == 0) {
+        sStats[wn * M + warp_row0 + mw * 16 + lane / 4] = row_sum[mw][0];
+        sStats[wn * M + warp_row0 + mw * 16 + lane / 4 + 8] = row_sum[mw][1];
+      }
     }
     __syncthreads();
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float total = 0.f;
+    for (int mw = 0; mw < MW; ++mw) {
 #pragma unroll
-      for (int w = 0; w < kWarpsN; ++w) total += sStats[w * M + mg * 16 + lane / 4 + 8 * h];
-      const int row = row_base + mg * 16 + lane / 4 + 8 * h;
-      if (row >= p.rows_per_head_k) continue;
-      const bool empty = total == 0.f;
-      const float inv = empty ? 0.f : 1.f / total;
-      const float lse = empty ? (whole ? INFINITY : -INFINITY) : (row_max[h] + log2f(total)) * kLn2;
-      const int qi = row / g, head = hk * g + row % g;
-      const int col0 = col_base + wn * kColsPerWarp + (lane % 4) * 2;
-      if (whole) {
-        T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * p.head_dim_v;
+      for (int h = 0; h < 2; ++h) {
+        const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
+        float total = 0.f;
 #pragma unroll
-        for (int i = 0; i < kColsPerWarp / 8; ++i) {
-          const int c = col0 + i * 8;
-          if (c + 1 < p.head_dim_v && (p.head_dim_v % 2) == 0) {
-            *reinterpret_cast<typename DT::pair*>(dst + c) = DT::make_pair(o[i][2 * h] * inv, o[i][2 * h + 1] * inv);
-          } else {
-            if (c < p.head_dim_v) dst[c] = DT::from_float(o[i][2 * h] * inv);
-            if (c + 1 < p.head_dim_v) dst[c + 1] = DT::from_float(o[i][2 * h + 1] * inv);
+        for (int w = 0; w < kWarpsN; ++w) total += sStats[w * M + r];
+        const int row = row_base + r;
+        if (row >= p.rows_per_head_k) continue;
+        const bool empty = total == 0.f;
+        const float inv = empty ? 0.f : 1.f / total;
+        const float lse = empty ? (whole ? INFINITY : -INFINITY) : (row_max[mw][h] + log2f(total)) * kLn2;
+        const int qi = row / g, head = hk * g + row % g;
+        const int col0 = col_base + wn * kColsPerWarp + (lane % 4) * 2;
+        if (whole) {
+          T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * p.head_dim_v;
+#pragma unroll
+          for (int i = 0; i < kOT; ++i) {
+            const int c = col0 + i * 8;
+            if (c + 1 < p.head_dim_v && (p.head_dim_v % 2) == 0) {
+              *reinterpret_cast<typename DT::pair*>(dst + c) =
+                  DT::make_pair(o[mw][i][2 * h] * inv, o[mw][i][2 * h + 1] * inv);
+            } else {
+              if (c < p.head_dim_v) dst[c] = DT::from_float(o[mw][i][2 * h] * inv);
+              if (c + 1 < p.head_dim_v) dst[c + 1] = DT::from_float(o[mw][i][2 * h + 1] * inv);
+            }
           }
-        }
-        if (wn == 0 && blockIdx.z == 0 && lane % 4 == 0)
-          p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = lse;
-      } else {
-        const int64_t prow = (int64_t(split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
-        float* dst = p.partial_out + prow * p.head_dim_v;
+          if (wn == 0 && blockIdx.z == 0 && lane % 4 == 0)
+            p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = lse;
+        } else {
+          const int64_t prow = (int64_t(split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
+          float* dst = p.partial_out + prow * p.head_dim_v;
 #pragma unroll
-        for (int i = 0; i < kColsPerWarp / 8; ++i) {
-          const int c = col0 + i * 8;
-          if (c < p.head_dim_v) dst[c] = o[i][2 * h] * inv;
-          if (c + 1 < p.head_dim_v) dst[c + 1] = o[i][2 * h + 1] * inv;
+          for (int i = 0; i < kOT; ++i) {
+            const int c = col0 + i * 8;
+            if (c < p.head_dim_v) dst[c] = o[mw][i][2 * h] * inv;
+            if (c + 1 < p.head_dim_v) dst[c + 1] = o[mw][i][2 * h + 1] * inv;
+          }
+          if (wn == 0 && blockIdx.z == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
         }
-        if (wn == 0 && blockIdx.z == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
       }
     }
-    __syncthreads();  // sQ and sStats are reused by the next sequence
+    __syncthreads();  // sQ, the stages, sValid and sStats are reused by the next sequence
   }
 }
 
