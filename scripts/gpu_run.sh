@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
-#   scripts/gpu_run.sh [stage ...]   stages: build smoke tests sanitize profile bench (default: all but profile)
+#   scripts/gpu_run.sh [stage ...]   stages: build tune smoke tests sanitize profile bench
+#                                    (default: all but tune and profile)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,8 @@ export PYTHONPATH=$PWD:$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
 summary=()
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+t0=$(date +%s)
+elapsed() { echo "t+$(( $(date +%s) - t0 ))s"; }
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install --quiet --no-deps --no-index --target .whl/site .whl/*.whl > "$OUT/pip.log" 2>&1 || true
@@ -35,23 +38,29 @@ if has build; then
   summary+=("build rc=$rc $(( $(date +%s) - start ))s")
   if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1; fi
 fi
+if has tune; then
+  # Every portable-kernel configuration on the rows that pick it (correctness + time).
+  $PY scripts/tune_portable.py --out "$OUT/tune" > "$OUT/tune.log" 2>&1
+  summary+=("tune rc=$? $(elapsed)")
+  grep "^|" "$OUT/tune.log"
+fi
 if has smoke; then
   $PY scripts/cuda_smoke.py > "$OUT/smoke.log" 2>&1
-  summary+=("smoke rc=$?")
+  summary+=("smoke rc=$? $(elapsed)")
   tail -30 "$OUT/smoke.log"
 fi
 if has tests; then
   # The AOTInductor tests build and load packages; they run in a process of their own.
   $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_aoti.py ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
-  summary+=("pytest rc=$? : $(tail -1 "$OUT/pytest.log")")
+  summary+=("pytest rc=$? $(elapsed) : $(tail -1 "$OUT/pytest.log")")
   $PY -m pytest -q -p no:cacheprovider tests/test_aoti.py > "$OUT/pytest_aoti.log" 2>&1
-  summary+=("pytest aoti rc=$? : $(tail -1 "$OUT/pytest_aoti.log")")
+  summary+=("pytest aoti rc=$? $(elapsed) : $(tail -1 "$OUT/pytest_aoti.log")")
   grep -hE "^FAILED|^ERROR|Fatal" "$OUT/pytest.log" "$OUT/pytest_aoti.log" | head -20
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/cuda_smoke.py --small > "$OUT/sanitize_$tool.log" 2>&1
-    summary+=("compute-sanitizer $tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)")
+    summary+=("compute-sanitizer $tool rc=$? $(elapsed) : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)")
   done
 fi
 if has profile; then
@@ -73,7 +82,7 @@ if has bench; then
     mkdir -p "$OUT/bench_$kernel"
     $PY benchmarks/bench_decode.py --kernel $kernel --rows $rows --out "$OUT/bench_$kernel" \
       > "$OUT/bench_$kernel/log.txt" 2>&1
-    summary+=("bench $kernel rc=$?")
+    summary+=("bench $kernel rc=$? $(elapsed)")
     cat "$OUT/bench_$kernel/results.md" 2>/dev/null || tail -20 "$OUT/bench_$kernel/log.txt"
   done
 fi

@@ -3,32 +3,46 @@
 // A configuration is (MG, MW, N, STAGES): 16 MG query rows per block, MW m16 row groups per warp
 // ((MG / MW) x 4 warps), N tokens per tile, STAGES cp.async stages (see decode_portable.cuh).
 // The block's rows decide MG (the fewest 16-row groups that hold the rows, up to 64); for that MG
-// the first configuration whose shared memory fits the device's opt-in limit is launched, else the
-// next smaller MG is tried. Sizes below for head_dim 576 (swizzled rows of 1152 bytes), bf16/fp16:
-//   MG = 1 (rows <= 16, memory-latency bound: depth of the pipeline matters most)
-//     (1, 1, 32, 4)  167552 B  H100 (227 KB): 3 tiles of 32 tokens in flight during compute
-//     (1, 1, 32, 3)  130656 B  A100 (163 KB)
-//     (1, 1, 32, 2)   93760 B  smaller GPUs / large head_dim
-//   MG = 2 (rows <= 32; 4 warps of 32 rows: K and V fragments feed two mma's)
-//     (2, 2, 32, 4)  187520 B  H100
-//     (2, 2, 32, 3)  150624 B  A100
-//     (2, 2, 32, 2)  113728 B
-//   MG = 4 (rows > 32, shared-memory bound: 8 warps of 32 rows, 64-token tiles halve the Q re-reads
-//          and barriers per token)
-//     (4, 2, 64, 2)  231552 B  H100 (needs the swizzled, unpadded rows to fit)
-//     (4, 2, 32, 2)  153664 B  A100
-//   then MG = 2, MG = 1; nothing fits -> error (head_dim too large).
+// the first configuration of its list whose shared memory fits the device's opt-in limit is
+// launched, else the next smaller MG's list is tried. Sizes for head_dim 576 (swizzled rows of
+// 1152 bytes), bf16/fp16:
+//   MG = 1 (rows <= 16)             (1, 1, 64, 2) 167 KB; (1, 1, 32, 4) 168 KB; (32, 3) 131 KB; (32, 2) 94 KB
+//   MG = 2 (rows <= 32)             (2, 2, 64, 2) 188 KB; (2, 1, 64, 2); (2, 2, 32, 4) 188 KB; (32, 3); (32, 2)
+//   MG = 4 (rows > 32)              (4, 2, 64, 2) 232 KB (H100; needs the swizzled, unpadded rows); (4, 2, 32, 2) 154
+//   KB then MG = 2, MG = 1; nothing fits -> error (head_dim too large).
+// The order within a list is measured (docs/KERNEL_NOTES.md). FLASHMLA_PORTABLE_CONFIG="MG,MW,N,STAGES"
+// (read per call; for tuning and tests) launches exactly that configuration of the lists, for any
+// rows, or raises if it is not in the lists or does not fit.
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <cstdlib>
 
 #include "decode_portable.cuh"
 
 namespace flashmla {
 namespace portable {
 
+struct ConfigChoice {
+  bool forced = false;  // FLASHMLA_PORTABLE_CONFIG is set: launch only the configuration it names
+  int mg = 0, mw = 0, n = 0, stages = 0;
+};
+
+inline ConfigChoice config_choice() {
+  ConfigChoice c;
+  const char* v = std::getenv("FLASHMLA_PORTABLE_CONFIG");
+  if (v == nullptr || *v == '\0') return c;
+  TORCH_CHECK(std::sscanf(v, "%d,%d,%d,%d", &c.mg, &c.mw, &c.n, &c.stages) == 4,
+              "FLASHMLA_PORTABLE_CONFIG must be 'MG,MW,N,STAGES', got '", v, "'");
+  c.forced = true;
+  return c;
+}
+
 template <typename T, int MG, int MW, int N, int STAGES>
-bool try_launch(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
+bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choice, cudaStream_t stream) {
+  if (choice.forced && (choice.mg != MG || choice.mw != MW || choice.n != N || choice.stages != STAGES)) return false;
   const size_t smem = SmemLayout<T, MG, N, STAGES>::total(p.head_dim_padded);
   if (smem > size_t(smem_limit)) return false;
   auto kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES>;
@@ -41,35 +55,46 @@ bool try_launch(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
   return true;
 }
 
+// Tries MG's list, then the smaller MGs'. Returns false when nothing was launched.
 template <typename T, int MG>
-void launch_rows(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
+bool launch_rows(const DecodeParams& p, int smem_limit, const ConfigChoice& c, cudaStream_t stream) {
   if constexpr (MG == 4) {
-    if (try_launch<T, 4, 2, 64, 2>(p, smem_limit, stream)) return;
-    if (try_launch<T, 4, 2, 32, 2>(p, smem_limit, stream)) return;
-    launch_rows<T, 2>(p, smem_limit, stream);
+    if (try_launch<T, 4, 2, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 4, 2, 32, 2>(p, smem_limit, c, stream)) return true;
+    return launch_rows<T, 2>(p, smem_limit, c, stream);
   } else if constexpr (MG == 2) {
-    if (try_launch<T, 2, 2, 32, 4>(p, smem_limit, stream)) return;
-    if (try_launch<T, 2, 2, 32, 3>(p, smem_limit, stream)) return;
-    if (try_launch<T, 2, 2, 32, 2>(p, smem_limit, stream)) return;
-    launch_rows<T, 1>(p, smem_limit, stream);
+    if (try_launch<T, 2, 2, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 1, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 2, 32, 4>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 2, 32, 3>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 2, 32, 2>(p, smem_limit, c, stream)) return true;
+    return launch_rows<T, 1>(p, smem_limit, c, stream);
   } else {
     static_assert(MG == 1, "MG is 1, 2 or 4");
-    if (try_launch<T, 1, 1, 32, 4>(p, smem_limit, stream)) return;
-    if (try_launch<T, 1, 1, 32, 3>(p, smem_limit, stream)) return;
-    if (try_launch<T, 1, 1, 32, 2>(p, smem_limit, stream)) return;
-    TORCH_CHECK(false, "flash_mla_with_kvcache: head_dim ", p.head_dim,
-                " is too large for the CUDA kernel's shared memory (", smem_limit, " bytes per block)");
+    if (try_launch<T, 1, 1, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 1, 1, 32, 4>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 1, 1, 32, 3>(p, smem_limit, c, stream)) return true;
+    return try_launch<T, 1, 1, 32, 2>(p, smem_limit, c, stream);
   }
 }
 
 template <typename T>
 void launch_decode(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
-  if (p.rows_per_head_k <= 16)
-    launch_rows<T, 1>(p, smem_limit, stream);
+  const ConfigChoice choice = config_choice();
+  bool launched;
+  if (choice.forced)
+    launched = launch_rows<T, 4>(p, smem_limit, choice, stream);
+  else if (p.rows_per_head_k <= 16)
+    launched = launch_rows<T, 1>(p, smem_limit, choice, stream);
   else if (p.rows_per_head_k <= 32)
-    launch_rows<T, 2>(p, smem_limit, stream);
+    launched = launch_rows<T, 2>(p, smem_limit, choice, stream);
   else
-    launch_rows<T, 4>(p, smem_limit, stream);
+    launched = launch_rows<T, 4>(p, smem_limit, choice, stream);
+  TORCH_CHECK(launched || !choice.forced, "FLASHMLA_PORTABLE_CONFIG=", choice.mg, ",", choice.mw, ",", choice.n, ",",
+              choice.stages, " is not a configuration of the portable kernel or does not fit ", smem_limit,
+              " bytes of shared memory for head_dim ", p.head_dim);
+  TORCH_CHECK(launched, "flash_mla_with_kvcache: head_dim ", p.head_dim,
+              " is too large for the CUDA kernel's shared memory (", smem_limit, " bytes per block)");
 }
 
 }  // namespace portable

@@ -1,0 +1,151 @@
+"""The CUDA decode kernels against each other: the Hopper kernel (sm_90a) and the portable kernel
+on the same inputs, and every configuration of the portable kernel (forced through
+FLASHMLA_PORTABLE_CONFIG) on odd shapes. Both are chosen per call from environment variables
+(FLASHMLA_KERNEL, FLASHMLA_PORTABLE_CONFIG), so one process runs them all.
+Skipped without a GPU; the Hopper cases also without an sm_90 GPU and an sm_90a build.
+"""
+
+import pytest
+import torch
+from helpers import (
+    LOW_PRECISION,
+    check_against_reference,
+    dtype_name,
+    make_decode_inputs,
+    max_abs,
+    requires_cuda,
+    rounding_slack,
+    seed_for,
+)
+
+import flashmla_ops
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+DTYPES = pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_name)
+
+# (MG, MW, N, STAGES): every configuration csrc/cuda/decode_portable_launch.cuh can launch.
+PORTABLE_CONFIGS = [
+    (1, 1, 64, 2), (1, 1, 32, 4), (1, 1, 32, 3), (1, 1, 32, 2),
+    (2, 2, 64, 2), (2, 1, 64, 2), (2, 2, 32, 4), (2, 2, 32, 3), (2, 2, 32, 2),
+    (4, 2, 64, 2), (4, 2, 32, 2),
+]  # fmt: skip
+
+
+def hopper_available() -> bool:
+    return (
+        torch.cuda.is_available()
+        and flashmla_ops.build_info()["sm90"]
+        and torch.cuda.get_device_capability() == (9, 0)
+    )
+
+
+requires_hopper = pytest.mark.skipif(not hopper_available(), reason="needs an sm_90 GPU and the sm_90a build")
+
+
+def run_with(monkeypatch, inp, **env):
+    """One call of the op with the given FLASHMLA_* variables (read by the op on every call)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out, lse = inp.run()
+    torch.cuda.synchronize()
+    return out, lse
+
+
+def assert_close_kernels(inp, a, b, ref):
+    """Two kernels' outputs agree within twice the low-precision reference error plus rounding."""
+    ref_low = inp.reference(compute_dtype=None)
+    bound = 2 * max_abs(ref_low[0], ref[0]) + rounding_slack(inp.q.dtype, ref[0].abs().max().item())
+    assert max_abs(a[0], b[0]) <= bound
+    seen = inp.visible_counts().to(a[1].device) > 0
+    assert torch.equal(a[1][~seen], b[1][~seen])
+    if seen.any():
+        assert max_abs(a[1][seen], b[1][seen]) <= 2e-4 * (b[1][seen].abs().max().item() + 1)
+
+
+@requires_hopper
+@DTYPES
+@pytest.mark.parametrize(
+    "num_heads_q,seq_len_q,page_block_size,causal",
+    [(16, 1, 64, False), (16, 2, 64, True), (128, 1, 64, False), (128, 2, 64, True),
+     (96, 1, 64, False), (64, 3, 64, True), (32, 8, 64, True), (64, 4, 128, True), (1, 1, 64, False)],
+)  # fmt: skip
+def test_hopper_and_portable_agree(monkeypatch, dtype, num_heads_q, seq_len_q, page_block_size, causal):
+    """DeepSeek head dims (576/512), the shapes the Hopper kernel takes, h_q * s_q from 1 to 256
+    (96, 192, 256: not multiples of the 64-row tile), varlen with an empty row, NaN past every
+    length, shuffled pages: both kernels match the float64 reference and each other."""
+    inp = make_decode_inputs(
+        batch=5,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        page_block_size=page_block_size,
+        dtype=dtype,
+        device="cuda",
+        max_seqlen=1100,
+        causal=causal,
+        seed=seed_for("hopper-vs-portable", dtype, num_heads_q, seq_len_q, page_block_size, causal),
+    )
+    ref = inp.reference()
+    hopper = run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90")
+    portable = run_with(monkeypatch, inp, FLASHMLA_KERNEL="portable")
+    check_against_reference(inp, *hopper, ref=ref)
+    check_against_reference(inp, *portable, ref=ref)
+    assert_close_kernels(inp, hopper, portable, ref)
+
+
+@requires_hopper
+def test_hopper_refuses_other_shapes(monkeypatch):
+    """FLASHMLA_KERNEL=sm90 on a shape the Hopper kernel does not take raises (auto falls back)."""
+    inp = make_decode_inputs(
+        batch=2, num_heads_q=4, head_dim=40, head_dim_v=32, page_block_size=16, device="cuda"
+    )
+    with pytest.raises(RuntimeError, match="FLASHMLA_KERNEL=sm90"):
+        run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90")
+    out, lse = run_with(monkeypatch, inp, FLASHMLA_KERNEL="auto")
+    check_against_reference(inp, out, lse)
+
+
+@DTYPES
+@pytest.mark.parametrize("config", PORTABLE_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # odd: GQA groups, page 16, s_q 3 causal, head dims not multiples of 64 (unswizzled rows)
+        {
+            "num_heads_q": 6,
+            "num_heads_k": 2,
+            "seq_len_q": 3,
+            "head_dim": 72,
+            "head_dim_v": 40,
+            "page_block_size": 16,
+            "causal": True,
+        },
+        # DeepSeek dims, 48 rows (more rows than a 16/32-row block holds: several row tiles)
+        {"num_heads_q": 24, "seq_len_q": 2, "page_block_size": 64, "causal": True},
+    ],
+    ids=["odd", "deepseek48"],
+)
+def test_every_portable_config(monkeypatch, dtype, config, shape):
+    """Every configuration of the portable kernel is correct on any rows, not only those it is picked for."""
+    inp = make_decode_inputs(
+        batch=4,
+        dtype=dtype,
+        device="cuda",
+        max_seqlen=300,
+        seed=seed_for("portable-config", dtype, config, sorted(shape.items())),
+        **shape,
+    )
+    out, lse = run_with(
+        monkeypatch, inp, FLASHMLA_KERNEL="portable", FLASHMLA_PORTABLE_CONFIG=",".join(map(str, config))
+    )
+    check_against_reference(inp, out, lse)
+
+
+def test_portable_config_errors(monkeypatch):
+    """A malformed or unknown FLASHMLA_PORTABLE_CONFIG raises and names the variable."""
+    inp = make_decode_inputs(
+        batch=2, num_heads_q=4, head_dim=40, head_dim_v=32, page_block_size=16, device="cuda"
+    )
+    for bad in ["4,2", "3,1,64,2"]:
+        with pytest.raises(RuntimeError, match="FLASHMLA_PORTABLE_CONFIG"):
+            run_with(monkeypatch, inp, FLASHMLA_KERNEL="portable", FLASHMLA_PORTABLE_CONFIG=bad)
