@@ -21,16 +21,15 @@
 // carries Q). Tiles past the piece commit empty groups, so every tile index has exactly one group.
 // Tile i: cp.async.wait_group<STAGES-2> (groups newer than tile i's: tiles i+1 .. i+STAGES-2) ->
 // __syncthreads (#1: tile i visible to all; every warp finished tile i-1, so its stage, sValid row,
-// sP and sStats are free) -> look up tile i+STAGES-1's rows in the block table (global loads, into
-// registers) -> S = Q K^T (hides the lookup latency) -> issue tile i+STAGES-1's copies into stage
-// (i-1) % STAGES and commit (an empty group past the piece) -> row maxima to sStats -> #2 ->
-// P to sP, rescale O -> #3 -> O += P V. No barrier at the end of the tile: the next tile's #1
-// protects everything the next tile overwrites; the epilogue's sStats writes follow the last #3.
-// While tile i is computed, tiles i+1 .. i+STAGES-1 are in flight.
-// sValid[stage][j] says whether token j of the stage's tile exists (t < t_end and its block id is
-// in range); it is written with plain stores by the issuing threads and read after barrier #1.
-// Tokens that do not exist are zero-filled (cp.async with src-size 0, or element stores), so NaN in
-// unused cache slots never reaches the math, and masked to -inf (as are causal-invisible tokens).
+// sP and sStats are free) -> issue tile i+STAGES-1's copies into stage (i-1) % STAGES (its rows were
+// looked up during tile i-1) and commit (an empty group past the piece) -> look up tile i+STAGES's
+// rows in the block table (global loads into registers, used at tile i+1) -> S = Q K^T (hides the
+// lookup latency) -> row maxima to sStats -> #2 -> P to sP, rescale O -> #3 -> O += P V. No barrier at the end of the
+// tile: the next tile's #1 protects everything the next tile overwrites; the epilogue's sStats writes follow the last
+// #3. While tile i is computed, tiles i+1 .. i+STAGES-1 are in flight. sValid[stage][j] says whether token j of the
+// stage's tile exists (t < t_end and its block id is in range); it is written with plain stores by the issuing threads
+// and read after barrier #1. Tokens that do not exist are zero-filled (cp.async with src-size 0, or element stores), so
+// NaN in unused cache slots never reaches the math, and masked to -inf (as are causal-invisible tokens).
 //
 // ---- Shared memory layout (bytes, in this order; host and device share SmemLayout) -----------
 //   sQ      M rows x RE elements                 (RE = row_elems(head_dim_padded))
@@ -288,15 +287,21 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
       }
       cp_async_commit();
     }
+    // Rows of tile STAGES-1, looked up now; inside the loop, tile + STAGES's rows are looked up while
+    // tile is computed, so the copies of tile + STAGES - 1 start right after barrier #1.
+    const T* next_src[kPasses];
+    if (STAGES - 1 < num_tiles) tile_sources(t_begin + (STAGES - 1) * N, next_src);
     int stage = 0;                // stage of tile `tile`
     int next_stage = STAGES - 1;  // stage of tile `tile + STAGES - 1`
     for (int tile = 0; tile < num_tiles; ++tile) {
       const int t0 = t_begin + tile * N;
       cp_async_wait<STAGES - 2>();  // tile's group (and Q) landed for this thread
       __syncthreads();              // #1: ... for all threads; tile - 1 fully consumed
-      const bool prefetch = tile + STAGES - 1 < num_tiles;
-      const T* next_src[kPasses];
-      if (prefetch) tile_sources(t0 + (STAGES - 1) * N, next_src);
+      // Start the copies of tile + STAGES - 1 into the stage tile - 1 used (free since #1), then look
+      // up the rows of tile + STAGES (global loads whose latency the S phase hides).
+      if (tile + STAGES - 1 < num_tiles) issue_tile(next_src, next_stage);
+      cp_async_commit();
+      if (tile + STAGES < num_tiles) tile_sources(t0 + STAGES * N, next_src);
       const T* k_tile = sK + stage * k_stage_elems;
 
       // S = Q K^T for rows [warp_row0, + 16 MW), tokens [wn * kTokensPerWarp, + kTokensPerWarp).
@@ -329,9 +334,6 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
           }
         }
       }
-      // Start the copies of tile + STAGES - 1 into the stage tile - 1 used (free since #1).
-      if (prefetch) issue_tile(next_src, next_stage);
-      cp_async_commit();
       // Mask, scale, and this warp's row maxima.
       float tile_max[MW][2];
 #pragma unroll

@@ -7,7 +7,7 @@
 // launched, else the next smaller MG's list is tried. Sizes for head_dim 576 (swizzled rows of
 // 1152 bytes), bf16/fp16:
 //   MG = 1 (rows <= 16)             (1, 1, 64, 2) 167 KB; (1, 1, 32, 4) 168 KB; (32, 3) 131 KB; (32, 2) 94 KB
-//   MG = 2 (rows <= 32)             (2, 2, 64, 2) 188 KB; (2, 1, 64, 2); (2, 2, 32, 4) 188 KB; (32, 3); (32, 2)
+//   MG = 2 (rows <= 32)             (2, 1, 64, 2) 188 KB; (2, 2, 64, 2); (2, 2, 32, 4) 188 KB; (32, 3); (32, 2)
 //   MG = 4 (rows > 32)              (4, 2, 64, 2) 232 KB (H100; needs the swizzled, unpadded rows); (4, 2, 32, 2) 154
 //   KB then MG = 2, MG = 1; nothing fits -> error (head_dim too large).
 // The order within a list is measured (docs/KERNEL_NOTES.md). FLASHMLA_PORTABLE_CONFIG="MG,MW,N,STAGES"
@@ -63,8 +63,8 @@ bool launch_rows(const DecodeParams& p, int smem_limit, const ConfigChoice& c, c
     if (try_launch<T, 4, 2, 32, 2>(p, smem_limit, c, stream)) return true;
     return launch_rows<T, 2>(p, smem_limit, c, stream);
   } else if constexpr (MG == 2) {
-    if (try_launch<T, 2, 2, 64, 2>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 1, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 2, 64, 2>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 2, 32, 4>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 2, 32, 3>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 2, 32, 2>(p, smem_limit, c, stream)) return true;
