@@ -1,6 +1,6 @@
 """Portable-kernel configuration sweep (GPU machine): every configuration on the rows that pick it.
 
-Each configuration (MG, MW, N, STAGES, EARLY) of csrc/cuda/decode_portable_launch.cuh is forced through
+Each configuration (MG, MW, N, STAGES) of csrc/cuda/decode_portable_launch.cuh is forced through
 FLASHMLA_PORTABLE_CONFIG, checked for correctness (a b=128 DeepSeek row against the fp32 reference,
 NaN cache tails, shuffled pages; and an odd varlen fp16 row: page 16, s_q 3, causal, against float64)
 and timed (CUDA-graph replay, median, attention only) on b=128, d=576, dv=512, page 64 rows.
@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import common as C
 
 CONFIGS = [
-    (1, 1, 64, 2, 1), (1, 1, 64, 2, 0), (1, 1, 32, 4, 0),
-    (2, 1, 64, 2, 1), (2, 1, 64, 2, 0), (2, 2, 64, 2, 0),
-    (4, 2, 64, 2, 0), (4, 2, 64, 2, 1),
+    (1, 1, 64, 2), (1, 1, 32, 4), (1, 1, 32, 3),
+    (2, 2, 64, 2), (2, 1, 64, 2), (2, 2, 32, 4),
+    (4, 2, 64, 2), (4, 2, 32, 2),
 ]  # fmt: skip
 # (h_q, s_q, s_k, varlen): the grid's memory-bound rows and one compute-bound row.
 ROWS = [(16, 1, 4096, False), (16, 1, 8192, True), (16, 2, 4096, False), (32, 1, 4096, False),

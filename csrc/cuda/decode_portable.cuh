@@ -26,10 +26,7 @@
 // rows in the block table (global loads into registers, used at tile i+1) -> S = Q K^T (hides the
 // lookup latency) -> row maxima to sStats -> #2 -> P to sP, rescale O -> #3 -> O += P V. No barrier at the end of the
 // tile: the next tile's #1 protects everything the next tile overwrites; the epilogue's sStats writes follow the last
-// #3. While tile i is computed, tiles i+1 .. i+STAGES-1 are in flight.
-// EARLY configurations issue tile i+STAGES-1's copies before the wait, so they are in flight while
-// tile i is awaited too (wait_group<STAGES-1>), at the cost of a fourth barrier (#4) at the end of
-// each tile that frees the stage for the next tile's early issue. sValid[stage][j] says whether token j of the
+// #3. While tile i is computed, tiles i+1 .. i+STAGES-1 are in flight. sValid[stage][j] says whether token j of the
 // stage's tile exists (t < t_end and its block id is in range); it is written with plain stores by the issuing threads
 // and read after barrier #1. Tokens that do not exist are zero-filled (cp.async with src-size 0, or element stores), so
 // NaN in unused cache slots never reaches the math, and masked to -inf (as are causal-invisible tokens).
@@ -159,7 +156,7 @@ __device__ __forceinline__ void copy_row(T* d, const T* src, int x, const Decode
   }
 }
 
-template <typename T, int MG, int MW, int N, int STAGES, bool EARLY>
+template <typename T, int MG, int MW, int N, int STAGES>
 __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
   constexpr int M = 16 * MG;
   constexpr int THREADS = (MG / MW) * kWarpsN * 32;
@@ -298,20 +295,12 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
     int next_stage = STAGES - 1;  // stage of tile `tile + STAGES - 1`
     for (int tile = 0; tile < num_tiles; ++tile) {
       const int t0 = t_begin + tile * N;
-      // Start the copies of tile + STAGES - 1 into the stage tile - 1 used: EARLY, before waiting for
-      // this tile (the stage is free since the last tile's barrier #4); else after #1 (free since #1).
-      if constexpr (EARLY) {
-        if (tile + STAGES - 1 < num_tiles) issue_tile(next_src, next_stage);
-        cp_async_commit();
-        cp_async_wait<STAGES - 1>();  // tile's group (and Q) landed for this thread
-        __syncthreads();              // #1: ... for all threads
-      } else {
-        cp_async_wait<STAGES - 2>();  // tile's group (and Q) landed for this thread
-        __syncthreads();              // #1: ... for all threads; tile - 1 fully consumed
-        if (tile + STAGES - 1 < num_tiles) issue_tile(next_src, next_stage);
-        cp_async_commit();
-      }
-      // Look up the rows of tile + STAGES (global loads whose latency this tile's S phase hides).
+      cp_async_wait<STAGES - 2>();  // tile's group (and Q) landed for this thread
+      __syncthreads();              // #1: ... for all threads; tile - 1 fully consumed
+      // Start the copies of tile + STAGES - 1 into the stage tile - 1 used (free since #1), then look
+      // up the rows of tile + STAGES (global loads whose latency the S phase hides).
+      if (tile + STAGES - 1 < num_tiles) issue_tile(next_src, next_stage);
+      cp_async_commit();
       if (tile + STAGES < num_tiles) tile_sources(t0 + STAGES * N, next_src);
       const T* k_tile = sK + stage * k_stage_elems;
 
@@ -442,7 +431,6 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
           }
         }
       }
-      if constexpr (EARLY) __syncthreads();  // #4: this tile's stage, sValid row, sP, sStats are free
       stage = stage + 1 == STAGES ? 0 : stage + 1;
       next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
     }
