@@ -45,7 +45,7 @@ def main():
     for h_q, s_q, s_k, varlen in ROWS:
         seqlens = C.make_seqlens(128, s_k, s_q, varlen)
         inp = C.build_inputs(128, s_q, h_q, seqlens)
-        odd = C.build_inputs(5, 3, h_q, [1, 77, 300, 129, 5], page=16, dtype=torch.float16, seed=1)
+        odd = C.build_inputs(5, 3, h_q, [3, 77, 300, 129, 5], page=16, dtype=torch.float16, seed=1)
         rows = rows_per_block(h_q, s_q)
         for cfg in CONFIGS:
             mg = cfg[0]

@@ -46,89 +46,21 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
   return std::max<int64_t>(1, device_facts(device).sm_count / tiles);
 }
 
-// The schedule of csrc/schedule.h, built by one block in three parallel phases: prefix sums of the
-// sequences' costs, every worker's range (a binary search each), then the piece counts' prefix sums
-// and each worker's first split. The integer atomics make it deterministic.
-constexpr int kScheduleThreads = 1024;
+// The schedule is a sequential scan; one thread runs it, after the block has staged the lengths
+// in shared memory (one global load latency instead of one per sequence). Batches too large to
+// stage are read from global memory.
+constexpr int kScheduleThreads = 256;
+constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
 
-// Exclusive prefix sum over the block of one value per thread; returns this thread's offset and
-// writes the total to *total.
-template <typename V>
-__device__ V block_exclusive_scan(V value, V* warp_sums, V* total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  V inclusive = value;
-  for (int d = 1; d < 32; d *= 2) {
-    const V up = __shfl_up_sync(0xffffffff, inclusive, d);
-    if (lane >= d) inclusive += up;
-  }
-  if (lane == 31) warp_sums[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    V w = lane < int(blockDim.x / 32) ? warp_sums[lane] : V(0);
-    for (int d = 1; d < 32; d *= 2) {
-      const V up = __shfl_up_sync(0xffffffff, w, d);
-      if (lane >= d) w += up;
-    }
-    warp_sums[lane] = w;  // inclusive over warps
-  }
-  __syncthreads();
-  const V before = (warp > 0 ? warp_sums[warp - 1] : V(0)) + inclusive - value;
-  *total = warp_sums[blockDim.x / 32 - 1];
-  __syncthreads();  // warp_sums is reused by the next scan
-  return before;
-}
-
-// workspace: prefix (batch + 1 int64), then pieces (batch int32), then first_part (batch int32).
 __global__ void __launch_bounds__(kScheduleThreads)
-    build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, int* metadata, int* num_splits,
-                          long long* prefix, int* pieces, int* first_part) {
-  __shared__ long long warp_sums64[32];
-  __shared__ int warp_sums32[32];
-  const int tid = threadIdx.x, nthreads = blockDim.x;
-  const int chunk = (batch + nthreads - 1) / nthreads;
-  const int lo = min(tid * chunk, batch), hi = min(lo + chunk, batch);
-  // 1. prefix[i] = sum of the costs of sequences < i.
-  long long local = 0;
-  for (int i = lo; i < hi; ++i) {
-    local += sched_cost(seqlens[i]);
-    pieces[i] = 0;
-    first_part[i] = num_sm_parts;
+    build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, int* metadata, int* num_splits) {
+  __shared__ int staged[kMaxStagedBatch];
+  const bool stage = batch <= kMaxStagedBatch;
+  if (stage) {
+    for (int i = threadIdx.x; i < batch; i += blockDim.x) staged[i] = seqlens[i];
+    __syncthreads();
   }
-  long long total;
-  long long run = block_exclusive_scan(local, warp_sums64, &total);
-  for (int i = lo; i < hi; ++i) {
-    prefix[i] = run;
-    run += sched_cost(seqlens[i]);
-  }
-  if (tid == 0) prefix[batch] = total;
-  __syncthreads();
-  // 2. Every worker's range; count the pieces of each sequence and note its first worker.
-  for (int part = tid; part < num_sm_parts; part += nthreads) {
-    int* md = metadata + part * kMetadataWidth;
-    int range[4];
-    part_range(prefix, seqlens, batch, part, num_sm_parts, range);
-    for (int f = 0; f < 4; ++f) md[f] = range[f];
-    md[4] = md[5] = md[6] = md[7] = 0;
-    for (int i = range[0]; i <= range[2]; ++i) {
-      atomicAdd(&pieces[i], 1);
-      atomicMin(&first_part[i], part);
-    }
-  }
-  __syncthreads();
-  // 3. num_splits = exclusive prefix sums of the piece counts; each worker's first split.
-  int count = 0;
-  for (int i = lo; i < hi; ++i) count += pieces[i];
-  int pieces_total;
-  int offset = block_exclusive_scan(count, warp_sums32, &pieces_total);
-  for (int i = lo; i < hi; ++i) {
-    num_splits[i] = offset;
-    offset += pieces[i];
-  }
-  if (tid == 0) num_splits[batch] = pieces_total;
-  for (int part = tid; part < num_sm_parts; part += nthreads) {
-    int* md = metadata + part * kMetadataWidth;
-    if (md[0] <= md[2]) md[4] = part - first_part[md[0]];
-  }
+  if (threadIdx.x == 0) build_schedule(stage ? staged : seqlens, batch, num_sm_parts, metadata, num_splits);
 }
 
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens, int64_t num_heads_per_head_k,
@@ -140,13 +72,8 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
   auto lens = cache_seqlens.contiguous();
   auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
   auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
-  // Scratch for the kernel: prefix sums (int64, batch + 1), piece counts and first workers (int32).
-  auto workspace = at::empty({(batch + 1) * 2 + batch * 2}, cache_seqlens.options());
-  long long* prefix = reinterpret_cast<long long*>(workspace.data_ptr<int>());
-  int* pieces = workspace.data_ptr<int>() + (batch + 1) * 2;
   build_schedule_kernel<<<1, kScheduleThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      lens.data_ptr<int>(), int(batch), int(parts), metadata.data_ptr<int>(), num_splits.data_ptr<int>(), prefix,
-      pieces, pieces + batch);
+      lens.data_ptr<int>(), int(batch), int(parts), metadata.data_ptr<int>(), num_splits.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {metadata, num_splits};
 }
