@@ -20,6 +20,10 @@ PY=${PY:-python3}
 if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
 export PYTHONPATH=$PWD:$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}
 summary=()
+# Each stage's result also goes to $FINAL_OUT/summary.txt at once, so a call stopped at its time limit
+# still returns what finished (the files under $OUT/work come back unpacked then).
+note() { summary+=("$1"); echo "$1" >> "$FINAL_OUT/summary.txt"; }
+: > "$FINAL_OUT/summary.txt"
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 t0=$(date +%s)
@@ -35,32 +39,32 @@ if has build; then
   start=$(date +%s)
   FLASHMLA_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   rc=$?
-  summary+=("build rc=$rc $(( $(date +%s) - start ))s")
+  note "build rc=$rc $(( $(date +%s) - start ))s"
   if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1; fi
 fi
 if has tune; then
   # Every portable-kernel configuration on the rows that pick it (correctness + time).
   $PY scripts/tune_portable.py --out "$OUT/tune" > "$OUT/tune.log" 2>&1
-  summary+=("tune rc=$? $(elapsed)")
+  note "tune rc=$? $(elapsed)"
   grep "^|" "$OUT/tune.log"
 fi
 if has smoke; then
   $PY scripts/cuda_smoke.py > "$OUT/smoke.log" 2>&1
-  summary+=("smoke rc=$? $(elapsed)")
+  note "smoke rc=$? $(elapsed)"
   tail -30 "$OUT/smoke.log"
 fi
 if has tests; then
   # The AOTInductor tests build and load packages; they run in a process of their own.
   $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_aoti.py ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
-  summary+=("pytest rc=$? $(elapsed) : $(tail -1 "$OUT/pytest.log")")
+  note "pytest rc=$? $(elapsed) : $(tail -1 "$OUT/pytest.log")"
   $PY -m pytest -q -p no:cacheprovider tests/test_aoti.py > "$OUT/pytest_aoti.log" 2>&1
-  summary+=("pytest aoti rc=$? $(elapsed) : $(tail -1 "$OUT/pytest_aoti.log")")
+  note "pytest aoti rc=$? $(elapsed) : $(tail -1 "$OUT/pytest_aoti.log")"
   grep -hE "^FAILED|^ERROR|Fatal" "$OUT/pytest.log" "$OUT/pytest_aoti.log" | head -20
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/cuda_smoke.py --small > "$OUT/sanitize_$tool.log" 2>&1
-    summary+=("compute-sanitizer $tool rc=$? $(elapsed) : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)")
+    note "compute-sanitizer $tool rc=$? $(elapsed) : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
 fi
 if has profile; then
@@ -71,7 +75,7 @@ if has profile; then
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
       --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       $PY scripts/profile_decode.py $1 $2 > "$OUT/ncu_h$1_sq$2.txt" 2>&1
-    summary+=("ncu h_q=$1 s_q=$2 rc=$?")
+    note "ncu h_q=$1 s_q=$2 rc=$?"
     grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Stall|Issue Slot|Executed Ipc" "$OUT/ncu_h$1_sq$2.txt" | head -20
   done
 fi
@@ -82,9 +86,10 @@ if has bench; then
     mkdir -p "$OUT/bench_$kernel"
     $PY benchmarks/bench_decode.py --kernel $kernel --rows $rows --out "$OUT/bench_$kernel" \
       > "$OUT/bench_$kernel/log.txt" 2>&1
-    summary+=("bench $kernel rc=$? $(elapsed)")
+    note "bench $kernel rc=$? $(elapsed)"
     cat "$OUT/bench_$kernel/results.md" 2>/dev/null || tail -20 "$OUT/bench_$kernel/log.txt"
   done
 fi
-{ echo "== summary =="; cat "$OUT/gpu.txt"; printf '%s\n' "${summary[@]}"; } | tee "$FINAL_OUT/summary.txt"
+{ echo "== summary =="; cat "$OUT/gpu.txt"; printf '%s\n' "${summary[@]}"; } | tee "$FINAL_OUT/summary.txt.tmp"
+mv "$FINAL_OUT/summary.txt.tmp" "$FINAL_OUT/summary.txt"
 tar czf "$FINAL_OUT/results.tar.gz" -C "$OUT" . && rm -rf "$OUT"
