@@ -232,13 +232,16 @@ def decode(step, cache: PagedBatch, hidden_steps: List[torch.Tensor]) -> List[to
     return outputs
 
 
-def main(device: Optional[str] = None) -> None:
-    device = device or ("cuda" if torch.cuda.is_available() and flashmla_ops.build_info()["cuda"] else "cpu")
+def make_decode_problem(
+    device: str, prompt_lengths: List[int], steps: int, seed: int = 0
+) -> Tuple[MLADecodeLayer, PagedBatch, List[torch.Tensor]]:
+    """A random layer (float32 on CPU, bf16 on CUDA, whose kernels take 16-bit types), a paged cache
+    prefilled with random prompts of the given lengths (room for `steps` more tokens each), and the
+    hidden states of `steps` decode steps."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = MLAConfig()
     layer = MLADecodeLayer(config).to(device=device, dtype=dtype).eval()
-    prompt_lengths, steps = [5, 17, 40], 8
     cache = make_paged_batch(config, prompt_lengths, max(prompt_lengths) + steps, dtype=dtype, device=device)
     prefill_cache(
         layer, cache, [torch.randn(n, config.hidden_size, dtype=dtype, device=device) for n in prompt_lengths]
@@ -247,6 +250,14 @@ def main(device: Optional[str] = None) -> None:
         torch.randn(len(prompt_lengths), 1, config.hidden_size, dtype=dtype, device=device)
         for _ in range(steps)
     ]
+    return layer, cache, hidden_steps
+
+
+def main(device: Optional[str] = None) -> None:
+    device = device or ("cuda" if torch.cuda.is_available() and flashmla_ops.build_info()["cuda"] else "cpu")
+    steps = 8
+    layer, cache, hidden_steps = make_decode_problem(device, [5, 17, 40], steps)
+    dtype = hidden_steps[0].dtype
     step = torch.compile(layer, fullgraph=True)
     outputs = decode(step, cache, hidden_steps)
     with torch.no_grad():

@@ -14,12 +14,10 @@ import torch
 
 import flashmla_ops
 from examples.decode_layer import (
-    MLAConfig,
     MLADecodeLayer,
     PagedBatch,
     decode,
-    make_paged_batch,
-    prefill_cache,
+    make_decode_problem,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,19 +50,7 @@ class DecodeProblem:
 
 def make_problem(device: str) -> DecodeProblem:
     """float32 on CPU; bf16 on CUDA (the CUDA kernels take bf16/fp16)."""
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = MLAConfig()
-    layer = MLADecodeLayer(config).to(device=device, dtype=dtype).eval()
-    cache = make_paged_batch(config, PROMPT_LENGTHS, max(PROMPT_LENGTHS) + STEPS, dtype=dtype, device=device)
-    prefill_cache(
-        layer, cache, [torch.randn(n, config.hidden_size, dtype=dtype, device=device) for n in PROMPT_LENGTHS]
-    )
-    hidden = [
-        torch.randn(len(PROMPT_LENGTHS), 1, config.hidden_size, dtype=dtype, device=device)
-        for _ in range(STEPS)
-    ]
-    return DecodeProblem(layer, cache, hidden)
+    return DecodeProblem(*make_decode_problem(device, PROMPT_LENGTHS, STEPS))
 
 
 @dataclass
