@@ -228,31 +228,31 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
         copy_row<T>(sQ + r * row_elems, src, r & xmask, p);
       }
     }
-    // K tiles load in two steps: tile_blocks loads the rows' block ids from the block table (global
-    // loads into registers, nothing computed from them yet, so the thread does not wait for them),
-    // issue_tile turns them into addresses, writes sValid and starts the copies. In the main loop a
-    // whole tile's compute runs in between, hiding the lookup latency. This thread copies rows
-    // j = q * kRowsPerPass + threadIdx.x / 8; block id -1 = no such token.
-    auto tile_blocks = [&](int t0, int (&block)[kPasses]) {
+    // K tiles load in two steps: tile_sources looks the rows up in the block table (global loads),
+    // issue_tile writes sValid and starts the copies. In the main loop the S phase runs in between,
+    // hiding the lookup latency. This thread copies rows j = q * kRowsPerPass + threadIdx.x / 8.
+    auto tile_sources = [&](int t0, const T*(&src)[kPasses]) {
 #pragma unroll
       for (int q = 0; q < kPasses; ++q) {
         const int j = q * kRowsPerPass + threadIdx.x / 8;
         const int t = t0 + j;
-        block[q] = j < N && t < t_end ? table[t / p.page_block_size] : -1;
+        src[q] = nullptr;
+        if (j < N && t < t_end) {
+          const int block = table[t / p.page_block_size];
+          if (block >= 0 && block < p.num_blocks) {
+            src[q] = static_cast<const T*>(p.k_cache) + block * p.k_stride_block +
+                     (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
+          }
+        }
       }
     };
-    auto issue_tile = [&](int t0, const int (&block)[kPasses], int stage) {
+    auto issue_tile = [&](const T* const(&src)[kPasses], int stage) {
 #pragma unroll
       for (int q = 0; q < kPasses; ++q) {
         const int j = q * kRowsPerPass + threadIdx.x / 8;
         if (j < N) {
-          const int t = t0 + j;
-          const bool live = block[q] >= 0 && block[q] < p.num_blocks;
-          const T* src = live ? static_cast<const T*>(p.k_cache) + block[q] * p.k_stride_block +
-                                    (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head
-                              : nullptr;
-          if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
-          copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p);
+          if (threadIdx.x % 8 == 0) sValid[stage * N + j] = src[q] != nullptr;
+          copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src[q], j & xmask, p);
         }
       }
     };
@@ -281,16 +281,16 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
       if (st < num_tiles) {
-        int block[kPasses];
-        tile_blocks(t_begin + st * N, block);
-        issue_tile(t_begin + st * N, block, st);
+        const T* src[kPasses];
+        tile_sources(t_begin + st * N, src);
+        issue_tile(src, st);
       }
       cp_async_commit();
     }
     // Rows of tile STAGES-1, looked up now; inside the loop, tile + STAGES's rows are looked up while
     // tile is computed, so the copies of tile + STAGES - 1 start right after barrier #1.
-    int next_block[kPasses];
-    if (STAGES - 1 < num_tiles) tile_blocks(t_begin + (STAGES - 1) * N, next_block);
+    const T* next_src[kPasses];
+    if (STAGES - 1 < num_tiles) tile_sources(t_begin + (STAGES - 1) * N, next_src);
     int stage = 0;                // stage of tile `tile`
     int next_stage = STAGES - 1;  // stage of tile `tile + STAGES - 1`
     for (int tile = 0; tile < num_tiles; ++tile) {
@@ -299,9 +299,9 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
       __syncthreads();              // #1: ... for all threads; tile - 1 fully consumed
       // Start the copies of tile + STAGES - 1 into the stage tile - 1 used (free since #1), then look
       // up the rows of tile + STAGES (global loads whose latency the S phase hides).
-      if (tile + STAGES - 1 < num_tiles) issue_tile(t0 + (STAGES - 1) * N, next_block, next_stage);
+      if (tile + STAGES - 1 < num_tiles) issue_tile(next_src, next_stage);
       cp_async_commit();
-      if (tile + STAGES < num_tiles) tile_blocks(t0 + STAGES * N, next_block);
+      if (tile + STAGES < num_tiles) tile_sources(t0 + STAGES * N, next_src);
       const T* k_tile = sK + stage * k_stage_elems;
 
       // S = Q K^T for rows [warp_row0, + 16 MW), tokens [wn * kTokensPerWarp, + kTokensPerWarp).
