@@ -29,8 +29,9 @@ ROWS = [(16, 1, 4096, False), (16, 1, 8192, True), (16, 2, 4096, False), (32, 1,
         (64, 1, 4096, False), (32, 2, 8192, True), (128, 1, 4096, False)]  # fmt: skip
 
 
-def rows_per_block(h_q, s_q):
-    return h_q * s_q
+def launcher_mg(rows: int) -> int:
+    """The 16-row groups per block the launcher picks for `rows` query rows per KV head."""
+    return 1 if rows <= 16 else (2 if rows <= 32 else 4)
 
 
 def main():
@@ -46,11 +47,9 @@ def main():
         seqlens = C.make_seqlens(128, s_k, s_q, varlen)
         inp = C.build_inputs(128, s_q, h_q, seqlens)
         odd = C.build_inputs(5, 3, h_q, [3, 77, 300, 129, 5], page=16, dtype=torch.float16, seed=1)
-        rows = rows_per_block(h_q, s_q)
         for cfg in CONFIGS:
-            mg = cfg[0]
             # Every configuration is correct for any rows; time it where the launcher would pick its MG.
-            if not (mg == 4 if rows > 32 else (mg == 2 if rows > 16 else mg == 1)):
+            if cfg[0] != launcher_mg(h_q * s_q):
                 continue
             os.environ["FLASHMLA_PORTABLE_CONFIG"] = ",".join(map(str, cfg))
             rec = {"h_q": h_q, "s_q": s_q, "s_k": s_k, "varlen": varlen, "config": cfg}

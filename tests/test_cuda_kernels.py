@@ -9,12 +9,11 @@ import pytest
 import torch
 from helpers import (
     LOW_PRECISION,
+    assert_kernels_agree,
     check_against_reference,
     dtype_name,
     make_decode_inputs,
-    max_abs,
     requires_cuda,
-    rounding_slack,
     seed_for,
 )
 
@@ -52,17 +51,6 @@ def run_with(monkeypatch, inp, **env):
     return out, lse
 
 
-def assert_close_kernels(inp, a, b, ref):
-    """Two kernels' outputs agree within twice the low-precision reference error plus rounding."""
-    ref_low = inp.reference(compute_dtype=None)
-    bound = 2 * max_abs(ref_low[0], ref[0]) + rounding_slack(inp.q.dtype, ref[0].abs().max().item())
-    assert max_abs(a[0], b[0]) <= bound
-    seen = inp.visible_counts().to(a[1].device) > 0
-    assert torch.equal(a[1][~seen], b[1][~seen])
-    if seen.any():
-        assert max_abs(a[1][seen], b[1][seen]) <= 2e-4 * (b[1][seen].abs().max().item() + 1)
-
-
 @requires_hopper
 @DTYPES
 @pytest.mark.parametrize(
@@ -88,9 +76,10 @@ def test_hopper_and_portable_agree(monkeypatch, dtype, num_heads_q, seq_len_q, p
     ref = inp.reference()
     hopper = run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90")
     portable = run_with(monkeypatch, inp, FLASHMLA_KERNEL="portable")
-    check_against_reference(inp, *hopper, ref=ref)
-    check_against_reference(inp, *portable, ref=ref)
-    assert_close_kernels(inp, hopper, portable, ref)
+    ref_low = inp.reference(compute_dtype=None)
+    check_against_reference(inp, *hopper, ref=ref, ref_low=ref_low)
+    check_against_reference(inp, *portable, ref=ref, ref_low=ref_low)
+    assert_kernels_agree(inp, hopper, portable, ref, ref_low)
 
 
 @requires_hopper

@@ -23,13 +23,14 @@
 // __syncthreads (#1: tile i visible to all; every warp finished tile i-1, so its stage, sValid row,
 // sP and sStats are free) -> issue tile i+STAGES-1's copies into stage (i-1) % STAGES (its rows were
 // looked up during tile i-1) and commit (an empty group past the piece) -> look up tile i+STAGES's
-// rows in the block table (global loads into registers, used at tile i+1) -> S = Q K^T (hides the
-// lookup latency) -> row maxima to sStats -> #2 -> P to sP, rescale O -> #3 -> O += P V. No barrier at the end of the
-// tile: the next tile's #1 protects everything the next tile overwrites; the epilogue's sStats writes follow the last
-// #3. While tile i is computed, tiles i+1 .. i+STAGES-1 are in flight. sValid[stage][j] says whether token j of the
-// stage's tile exists (t < t_end and its block id is in range); it is written with plain stores by the issuing threads
-// and read after barrier #1. Tokens that do not exist are zero-filled (cp.async with src-size 0, or element stores), so
-// NaN in unused cache slots never reaches the math, and masked to -inf (as are causal-invisible tokens).
+// rows in the block table (global loads into registers, used at tile i+1) -> S = Q K^T (meant to
+// overlap the lookup; see docs/KERNEL_NOTES.md on whether it does) -> row maxima to sStats -> #2 -> P to sP, rescale O
+// -> #3 -> O += P V. No barrier at the end of the tile: the next tile's #1 protects everything the next tile
+// overwrites; the epilogue's sStats writes follow the last #3. While tile i is computed, tiles i+1 .. i+STAGES-1 are in
+// flight. sValid[stage][j] says whether token j of the stage's tile exists (t < t_end and its block id is in range); it
+// is written with plain stores by the issuing threads and read after barrier #1. Tokens that do not exist are
+// zero-filled (cp.async with src-size 0, or element stores), so NaN in unused cache slots never reaches the math, and
+// masked to -inf (as are causal-invisible tokens).
 //
 // ---- Shared memory layout (bytes, in this order; host and device share SmemLayout) -----------
 //   sQ      M rows x RE elements                 (RE = row_elems(head_dim_padded))
@@ -230,7 +231,8 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
     }
     // K tiles load in two steps: tile_sources looks the rows up in the block table (global loads),
     // issue_tile writes sValid and starts the copies. In the main loop the S phase runs in between,
-    // hiding the lookup latency. This thread copies rows j = q * kRowsPerPass + threadIdx.x / 8.
+    // meant to hide the lookup latency (the address arithmetic that follows each load may still wait for
+    // it: docs/KERNEL_NOTES.md). This thread copies rows j = q * kRowsPerPass + threadIdx.x / 8.
     auto tile_sources = [&](int t0, const T*(&src)[kPasses]) {
 #pragma unroll
       for (int q = 0; q < kPasses; ++q) {
@@ -298,7 +300,7 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
       cp_async_wait<STAGES - 2>();  // tile's group (and Q) landed for this thread
       __syncthreads();              // #1: ... for all threads; tile - 1 fully consumed
       // Start the copies of tile + STAGES - 1 into the stage tile - 1 used (free since #1), then look
-      // up the rows of tile + STAGES (global loads whose latency the S phase hides).
+      // up the rows of tile + STAGES (global loads issued before the S phase).
       if (tile + STAGES - 1 < num_tiles) issue_tile(next_src, next_stage);
       cp_async_commit();
       if (tile + STAGES < num_tiles) tile_sources(t0 + STAGES * N, next_src);
