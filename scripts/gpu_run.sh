@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
-#   scripts/gpu_run.sh [stage ...]   stages: build tune smoke tests sanitize profile bench
-#                                    (default: all but tune and profile)
+#   scripts/gpu_run.sh [stage ...]   stages: build tune sched smoke tests sanitize profile bench
+#                                    (default: all but tune, sched and profile)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,16 +67,27 @@ if has sanitize; then
     note "compute-sanitizer $tool rc=$? $(elapsed) : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
 fi
+if has sched; then
+  # The schedule's fixed cost per piece against attention time (scripts/sched_sweep.py).
+  for kernel in auto portable; do
+    $PY scripts/sched_sweep.py --kernel $kernel --out "$OUT/sched" > "$OUT/sched_$kernel.log" 2>&1
+    note "sched $kernel rc=$? $(elapsed)"
+    grep "^|" "$OUT/sched_$kernel.log"
+  done
+fi
 if has profile; then
-  # Hardware counters of the decode kernel on a memory-bound and a compute-bound row.
-  for case in "16 1" "128 1"; do
-    set -- $case
-    ncu --clock-control none --kernel-name regex:mla_decode --launch-skip 2 --launch-count 1 \
+  # Hardware counters of the decode kernel (FLASHMLA_KERNEL=$PROFILE_KERNEL, default auto) on a
+  # memory-bound and a compute-bound row; SourceCounters names the stalling instructions.
+  for case in ${PROFILE_CASES:-"16,1" "128,1"}; do
+    IFS=, read -r hq sq <<< "$case"
+    name=ncu_${PROFILE_KERNEL:-auto}_h${hq}_sq${sq}
+    FLASHMLA_KERNEL=${PROFILE_KERNEL:-auto} ncu --clock-control none --kernel-name regex:mla_decode \
+      --launch-skip 2 --launch-count 1 --import-source no \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
-      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-      $PY scripts/profile_decode.py $1 $2 > "$OUT/ncu_h$1_sq$2.txt" 2>&1
-    note "ncu h_q=$1 s_q=$2 rc=$?"
-    grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Stall|Issue Slot|Executed Ipc" "$OUT/ncu_h$1_sq$2.txt" | head -20
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section SourceCounters \
+      $PY scripts/profile_decode.py $hq $sq > "$OUT/$name.txt" 2>&1
+    note "$name rc=$?"
+    grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Stall|Issue Slot|Executed Ipc" "$OUT/$name.txt" | head -20
   done
 fi
 if has bench; then

@@ -8,11 +8,12 @@
 // Query row r of a KV head is query position r / g, query head hk * g + r % g (g = heads per KV
 // head). Rows past rows_per_head_k are zero in shared memory, computed and never written.
 //
-// Warps form a (MG / MW) x kWarpsN grid. Warp (rw, wn) owns the MW m16 row groups
-// [16 MW rw, 16 MW (rw + 1)) of the tile (MW = 2: 32 rows, so every K or V fragment that
-// ldmatrix brings in feeds two mma's), and
-//   - for S = Q K^T: tokens [wn N/4, (wn + 1) N/4) of the tile,
-//   - for O += P V: output channels [wn 128, wn 128 + 128) of the chunk (O: MW x 16 n8 tiles).
+// Warps form a (MG / MW) x WN grid (WN = 4 or 8 warps along tokens / channels). Warp (rw, wn)
+// owns the MW m16 row groups [16 MW rw, 16 MW (rw + 1)) of the tile (MW = 2: 32 rows, so every K
+// or V fragment that ldmatrix brings in feeds two mma's), and
+//   - for S = Q K^T: tokens [wn N/WN, (wn + 1) N/WN) of the tile,
+//   - for O += P V: output channels [wn C, (wn + 1) C) of the chunk, C = 512 / WN (O: MW x C/8 n8
+//     tiles). WN = 8 halves each warp's share (more warps per block, shorter chains per warp).
 // Row maxima are exchanged through sStats once per tile, and P (as T) goes through sP from the
 // warps that computed it (token split) to the warps that consume it (channel split).
 //
@@ -23,20 +24,19 @@
 // __syncthreads (#1: tile i visible to all; every warp finished tile i-1, so its stage, sValid row,
 // sP and sStats are free) -> issue tile i+STAGES-1's copies into stage (i-1) % STAGES (its rows were
 // looked up during tile i-1) and commit (an empty group past the piece) -> look up tile i+STAGES's
-// rows in the block table (global loads into registers, used at tile i+1) -> S = Q K^T (meant to
-// overlap the lookup; see docs/KERNEL_NOTES.md on whether it does) -> row maxima to sStats -> #2 -> P to sP, rescale O
-// -> #3 -> O += P V. No barrier at the end of the tile: the next tile's #1 protects everything the next tile
-// overwrites; the epilogue's sStats writes follow the last #3. While tile i is computed, tiles i+1 .. i+STAGES-1 are in
-// flight. sValid[stage][j] says whether token j of the stage's tile exists (t < t_end and its block id is in range); it
-// is written with plain stores by the issuing threads and read after barrier #1. Tokens that do not exist are
-// zero-filled (cp.async with src-size 0, or element stores), so NaN in unused cache slots never reaches the math, and
-// masked to -inf (as are causal-invisible tokens).
+// rows in the block table (global loads into registers, used at tile i+1) -> S = Q K^T (hides the
+// lookup latency) -> row maxima to sStats -> #2 -> P to sP, rescale O -> #3 -> O += P V. No barrier at the end of the
+// tile: the next tile's #1 protects everything the next tile overwrites; the epilogue's sStats writes follow the last
+// #3. While tile i is computed, tiles i+1 .. i+STAGES-1 are in flight. sValid[stage][j] says whether token j of the
+// stage's tile exists (t < t_end and its block id is in range); it is written with plain stores by the issuing threads
+// and read after barrier #1. Tokens that do not exist are zero-filled (cp.async with src-size 0, or element stores), so
+// NaN in unused cache slots never reaches the math, and masked to -inf (as are causal-invisible tokens).
 //
 // ---- Shared memory layout (bytes, in this order; host and device share SmemLayout) -----------
 //   sQ      M rows x RE elements                 (RE = row_elems(head_dim_padded))
 //   sK      STAGES x N rows x RE elements
 //   sP      M rows x (N + 8) elements            (+8: 16-byte pad, ldmatrix conflict free)
-//   sStats  kWarpsN x M floats                   (row maxima per tile; row sums at the end)
+//   sStats  WN x M floats                        (row maxima per tile; row sums at the end)
 //   sValid  STAGES x N bytes
 // Q and K rows: when head_dim_padded % 64 == 0 (e.g. 576, 512) RE = head_dim_padded and the 16-byte
 // chunks of a row are XOR-swizzled: logical chunk c of row r lives at chunk c ^ (r % 8) (only the
@@ -54,7 +54,7 @@
 //   s = (q . k) * scale * log2(e)  (-inf where masked);  m' = max(m, rowmax s);  p = 2^(s - m')
 //   O = O * 2^(m - m') + p V;  l = l * 2^(m - m') + rowsum p   (each warp keeps its share of l)
 // A row that has seen nothing keeps m = -inf and uses exponent base 0 (so p = 0, rescale = 1).
-// At the end l is summed over the kWarpsN warps of the row, out = O / l and
+// At the end l is summed over the WN warps of the row, out = O / l and
 // lse = (m + log2 l) * ln 2; a row with l = 0 writes out = 0 and lse = +inf (whole piece) or
 // -inf (split piece, so the combine gives it weight 0).
 #pragma once
@@ -69,10 +69,8 @@
 namespace flashmla {
 namespace portable {
 
-constexpr int kWarpsN = 4;
-constexpr int kColsPerWarp = 128;
-constexpr int kColsPerBlock = kWarpsN * kColsPerWarp;  // 512
-constexpr int kSmemPad = 8;                            // elements added to padded rows (16 bytes)
+constexpr int kColsPerBlock = 512;  // output channels per block (blockIdx.z chunks)
+constexpr int kSmemPad = 8;         // elements added to padded rows (16 bytes)
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Q/K row layout in shared memory (see the header comment).
@@ -123,13 +121,13 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 
 // Shared-memory footprint of a configuration, in bytes (host and device agree on this layout).
-template <typename T, int MG, int N, int STAGES>
+template <typename T, int MG, int N, int STAGES, int WN>
 struct SmemLayout {
   static constexpr int M = 16 * MG;
   __host__ __device__ static size_t q_bytes(int hdp) { return size_t(M) * smem_row_elems(hdp) * sizeof(T); }
   __host__ __device__ static size_t k_stage_bytes(int hdp) { return size_t(N) * smem_row_elems(hdp) * sizeof(T); }
   static constexpr size_t p_bytes = size_t(M) * (N + kSmemPad) * sizeof(T);
-  static constexpr size_t stats_bytes = size_t(kWarpsN) * M * sizeof(float);
+  static constexpr size_t stats_bytes = size_t(WN) * M * sizeof(float);
   static constexpr size_t valid_bytes = size_t(STAGES) * N;
   __host__ __device__ static size_t total(int hdp) {
     return q_bytes(hdp) + STAGES * k_stage_bytes(hdp) + p_bytes + stats_bytes + valid_bytes;
@@ -145,10 +143,15 @@ __device__ __forceinline__ void copy_row(T* d, const T* src, int x, const Decode
   constexpr int kThreadsPerRow = 8;
   const int tid = threadIdx.x;
   if (p.vec16) {
-    const int chunks = p.head_dim_padded / 8;
-    for (int c = tid % kThreadsPerRow; c < chunks; c += kThreadsPerRow) {
-      const bool live = src != nullptr && c * 8 < p.head_dim;
-      cp_async_16(d + ((c ^ x) << 3), live ? src + c * 8 : static_cast<const T*>(p.k_cache), live ? 16 : 0);
+    // This thread's chunks are c0 + 8 i; since x < 8 only flips the low 3 bits, chunk c0 + 8 i lands
+    // at (c0 ^ x) + 8 i: both addresses advance by 64 elements per step.
+    const int c0 = tid % kThreadsPerRow;
+    const int live_chunks = src != nullptr ? p.head_dim / 8 : 0;  // head_dim % 8 == 0 when vec16
+    const T* s = src != nullptr ? src + c0 * 8 : static_cast<const T*>(p.k_cache);
+    T* dd = d + ((c0 ^ x) << 3);
+    for (int c = c0; c < p.head_dim_padded / 8; c += kThreadsPerRow, s += 64, dd += 64) {
+      const bool live = c < live_chunks;
+      cp_async_16(dd, live ? s : static_cast<const T*>(p.k_cache), live ? 16 : 0);
     }
   } else {  // unaligned rows or head_dim % 8 != 0: element copies
     for (int c = tid % kThreadsPerRow; c < p.head_dim_padded; c += kThreadsPerRow) {
@@ -157,9 +160,11 @@ __device__ __forceinline__ void copy_row(T* d, const T* src, int x, const Decode
   }
 }
 
-template <typename T, int MG, int MW, int N, int STAGES>
-__global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
+template <typename T, int MG, int MW, int N, int STAGES, int WN>
+__global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
   constexpr int M = 16 * MG;
+  constexpr int kWarpsN = WN;
+  constexpr int kColsPerWarp = kColsPerBlock / WN;  // 128 or 64: whole 64-channel swizzle groups
   constexpr int THREADS = (MG / MW) * kWarpsN * 32;
   constexpr int kTokensPerWarp = N / kWarpsN;
   constexpr int kNT = kTokensPerWarp / 8;  // n8 tiles of S per warp
@@ -170,7 +175,8 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
   static_assert(kTokensPerWarp % 8 == 0, "each warp needs whole n8 tiles of tokens");
   static_assert(MG % MW == 0 && (MW == 1 || MW == 2), "row groups per warp");
   static_assert(STAGES >= 2, "at least double buffering");
-  using L = SmemLayout<T, MG, N, STAGES>;
+  static_assert(WN == 4 || WN == 8, "warps along tokens / channels");
+  using L = SmemLayout<T, MG, N, STAGES, WN>;
   using DT = Dtype<T>;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -229,32 +235,31 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
         copy_row<T>(sQ + r * row_elems, src, r & xmask, p);
       }
     }
-    // K tiles load in two steps: tile_sources looks the rows up in the block table (global loads),
-    // issue_tile writes sValid and starts the copies. In the main loop the S phase runs in between,
-    // meant to hide the lookup latency (the address arithmetic that follows each load may still wait for
-    // it: docs/KERNEL_NOTES.md). This thread copies rows j = q * kRowsPerPass + threadIdx.x / 8.
-    auto tile_sources = [&](int t0, const T*(&src)[kPasses]) {
+    // K tiles load in two steps: tile_blocks loads the rows' block ids from the block table (global
+    // loads into registers, nothing computed from them yet, so the thread does not wait for them),
+    // issue_tile turns them into addresses, writes sValid and starts the copies. In the main loop a
+    // whole tile's compute runs in between, hiding the lookup latency. This thread copies rows
+    // j = q * kRowsPerPass + threadIdx.x / 8; block id -1 = no such token.
+    auto tile_blocks = [&](int t0, int (&block)[kPasses]) {
 #pragma unroll
       for (int q = 0; q < kPasses; ++q) {
         const int j = q * kRowsPerPass + threadIdx.x / 8;
         const int t = t0 + j;
-        src[q] = nullptr;
-        if (j < N && t < t_end) {
-          const int block = table[t / p.page_block_size];
-          if (block >= 0 && block < p.num_blocks) {
-            src[q] = static_cast<const T*>(p.k_cache) + block * p.k_stride_block +
-                     (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
-          }
-        }
+        block[q] = j < N && t < t_end ? table[t / p.page_block_size] : -1;
       }
     };
-    auto issue_tile = [&](const T* const(&src)[kPasses], int stage) {
+    auto issue_tile = [&](int t0, const int (&block)[kPasses], int stage) {
 #pragma unroll
       for (int q = 0; q < kPasses; ++q) {
         const int j = q * kRowsPerPass + threadIdx.x / 8;
         if (j < N) {
-          if (threadIdx.x % 8 == 0) sValid[stage * N + j] = src[q] != nullptr;
-          copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src[q], j & xmask, p);
+          const int t = t0 + j;
+          const bool live = block[q] >= 0 && block[q] < p.num_blocks;
+          const T* src = live ? static_cast<const T*>(p.k_cache) + block[q] * p.k_stride_block +
+                                    (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head
+                              : nullptr;
+          if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
+          copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p);
         }
       }
     };
@@ -283,16 +288,16 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
       if (st < num_tiles) {
-        const T* src[kPasses];
-        tile_sources(t_begin + st * N, src);
-        issue_tile(src, st);
+        int block[kPasses];
+        tile_blocks(t_begin + st * N, block);
+        issue_tile(t_begin + st * N, block, st);
       }
       cp_async_commit();
     }
     // Rows of tile STAGES-1, looked up now; inside the loop, tile + STAGES's rows are looked up while
     // tile is computed, so the copies of tile + STAGES - 1 start right after barrier #1.
-    const T* next_src[kPasses];
-    if (STAGES - 1 < num_tiles) tile_sources(t_begin + (STAGES - 1) * N, next_src);
+    int next_block[kPasses];
+    if (STAGES - 1 < num_tiles) tile_blocks(t_begin + (STAGES - 1) * N, next_block);
     int stage = 0;                // stage of tile `tile`
     int next_stage = STAGES - 1;  // stage of tile `tile + STAGES - 1`
     for (int tile = 0; tile < num_tiles; ++tile) {
@@ -300,18 +305,22 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
       cp_async_wait<STAGES - 2>();  // tile's group (and Q) landed for this thread
       __syncthreads();              // #1: ... for all threads; tile - 1 fully consumed
       // Start the copies of tile + STAGES - 1 into the stage tile - 1 used (free since #1), then look
-      // up the rows of tile + STAGES (global loads issued before the S phase).
-      if (tile + STAGES - 1 < num_tiles) issue_tile(next_src, next_stage);
+      // up the rows of tile + STAGES (global loads whose latency the S phase hides).
+      if (tile + STAGES - 1 < num_tiles) issue_tile(t0 + (STAGES - 1) * N, next_block, next_stage);
       cp_async_commit();
-      if (tile + STAGES < num_tiles) tile_sources(t0 + STAGES * N, next_src);
+      if (tile + STAGES < num_tiles) tile_blocks(t0 + STAGES * N, next_block);
       const T* k_tile = sK + stage * k_stage_elems;
 
       // S = Q K^T for rows [warp_row0, + 16 MW), tokens [wn * kTokensPerWarp, + kTokensPerWarp).
-      float s[MW][kNT][4];
+      // Two accumulators per n8 tile (even and odd k16 steps), summed after the loop: two
+      // independent mma chains of half the length, so their latencies overlap.
+      float s[MW][kNT][4], s_odd[MW][kNT][4];
 #pragma unroll
       for (int mw = 0; mw < MW; ++mw)
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) s[mw][j][0] = s[mw][j][1] = s[mw][j][2] = s[mw][j][3] = 0.f;
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mw][j][e] = s_odd[mw][j][e] = 0.f;
       const T* q_lane = sQ + (warp_row0 + lane % 16) * row_elems;
       const T* k_lane = k_tile + (wn * kTokensPerWarp + lane % 8) * row_elems;
       for (int k0 = 0; k0 < hdp; k0 += 64) {
@@ -331,11 +340,17 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
 #pragma unroll
             for (int mw = 0; mw < MW; ++mw) {
               mma_16816<T>(s[mw][j], a[mw][0], bk[0], bk[1]);
-              mma_16816<T>(s[mw][j], a[mw][1], bk[2], bk[3]);
+              mma_16816<T>(s_odd[mw][j], a[mw][1], bk[2], bk[3]);
             }
           }
         }
       }
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mw][j][e] += s_odd[mw][j][e];
       // Mask, scale, and this warp's row maxima.
       float tile_max[MW][2];
 #pragma unroll
@@ -411,7 +426,7 @@ __global__ void __launch_bounds__((MG / MW) * kWarpsN * 32, 1) mla_decode_portab
       }
       __syncthreads();  // #3: P of every warp
       // O += P V for rows [warp_row0, + 16 MW), channels [col_base + wn * 128, + 128).
-      const int col0 = col_base + wn * kColsPerWarp;  // a multiple of 128: 64-channel aligned
+      const int col0 = col_base + wn * kColsPerWarp;  // a multiple of 64: swizzle-group aligned
 #pragma unroll
       for (int kt = 0; kt < N / 16; ++kt) {
         uint32_t a[MW][4];

@@ -1,7 +1,8 @@
 // Picks the portable kernel's configuration and launches it.
 //
-// A configuration is (MG, MW, N, STAGES): 16 MG query rows per block, MW m16 row groups per warp
-// ((MG / MW) x 4 warps), N tokens per tile, STAGES cp.async stages (see decode_portable.cuh).
+// A configuration is (MG, MW, N, STAGES, WN): 16 MG query rows per block, MW m16 row groups per
+// warp ((MG / MW) x WN warps), N tokens per tile, STAGES cp.async stages, WN warps along tokens /
+// channels (see decode_portable.cuh).
 // The block's rows decide MG (the fewest 16-row groups that hold the rows, up to 64); for that MG
 // the first configuration of its list whose shared memory fits the device's opt-in limit is
 // launched, else the next smaller MG's list is tried. Sizes for head_dim 576 (swizzled rows of
@@ -10,9 +11,9 @@
 //   MG = 2 (rows <= 32)             (2, 1, 64, 2) 188 KB; (2, 2, 64, 2); (2, 2, 32, 4) 188 KB; (32, 3); (32, 2)
 //   MG = 4 (rows > 32)              (4, 2, 64, 2) 232 KB (H100; needs the swizzled, unpadded rows); (4, 2, 32, 2) 154
 //   KB then MG = 2, MG = 1; nothing fits -> error (head_dim too large).
-// The order within a list is measured (docs/KERNEL_NOTES.md). FLASHMLA_PORTABLE_CONFIG="MG,MW,N,STAGES"
-// (read per call; for tuning and tests) launches exactly that configuration of the lists, for any
-// rows, or raises if it is not in the lists or does not fit.
+// The order within a list is measured (docs/KERNEL_NOTES.md). FLASHMLA_PORTABLE_CONFIG="MG,MW,N,STAGES,WN"
+// (WN may be left out: 4; read per call; for tuning and tests) launches exactly that configuration
+// of the lists, for any rows, or raises if it is not in the lists or does not fit.
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/util/Exception.h>
@@ -27,30 +28,34 @@ namespace portable {
 
 struct ConfigChoice {
   bool forced = false;  // FLASHMLA_PORTABLE_CONFIG is set: launch only the configuration it names
-  int mg = 0, mw = 0, n = 0, stages = 0;
+  int mg = 0, mw = 0, n = 0, stages = 0, wn = 4;
 };
 
 inline ConfigChoice config_choice() {
   ConfigChoice c;
   const char* v = std::getenv("FLASHMLA_PORTABLE_CONFIG");
   if (v == nullptr || *v == '\0') return c;
-  TORCH_CHECK(std::sscanf(v, "%d,%d,%d,%d", &c.mg, &c.mw, &c.n, &c.stages) == 4,
-              "FLASHMLA_PORTABLE_CONFIG must be 'MG,MW,N,STAGES', got '", v, "'");
+  int end = 0;
+  const int fields = std::sscanf(v, "%d,%d,%d,%d%n,%d%n", &c.mg, &c.mw, &c.n, &c.stages, &end, &c.wn, &end);
+  TORCH_CHECK((fields == 4 || fields == 5) && v[end] == '\0',
+              "FLASHMLA_PORTABLE_CONFIG must be 'MG,MW,N,STAGES[,WN]', got '", v, "'");
   c.forced = true;
   return c;
 }
 
-template <typename T, int MG, int MW, int N, int STAGES>
+template <typename T, int MG, int MW, int N, int STAGES, int WN = 4>
 bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choice, cudaStream_t stream) {
-  if (choice.forced && (choice.mg != MG || choice.mw != MW || choice.n != N || choice.stages != STAGES)) return false;
-  const size_t smem = SmemLayout<T, MG, N, STAGES>::total(p.head_dim_padded);
+  if (choice.forced &&
+      (choice.mg != MG || choice.mw != MW || choice.n != N || choice.stages != STAGES || choice.wn != WN))
+    return false;
+  const size_t smem = SmemLayout<T, MG, N, STAGES, WN>::total(p.head_dim_padded);
   if (smem > size_t(smem_limit)) return false;
-  auto kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES>;
+  auto kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   constexpr int M = 16 * MG;
   const int m_blocks = (p.rows_per_head_k + M - 1) / M;
   const dim3 grid(p.num_sm_parts, p.num_heads_k * m_blocks, (p.head_dim_v + kColsPerBlock - 1) / kColsPerBlock);
-  kernel<<<grid, (MG / MW) * kWarpsN * 32, smem, stream>>>(p);
+  kernel<<<grid, (MG / MW) * WN * 32, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -60,11 +65,14 @@ template <typename T, int MG>
 bool launch_rows(const DecodeParams& p, int smem_limit, const ConfigChoice& c, cudaStream_t stream) {
   if constexpr (MG == 4) {
     if (try_launch<T, 4, 2, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 4, 2, 64, 2, 8>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 4, 2, 32, 2>(p, smem_limit, c, stream)) return true;
     return launch_rows<T, 2>(p, smem_limit, c, stream);
   } else if constexpr (MG == 2) {
     if (try_launch<T, 2, 1, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 1, 64, 2, 8>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 2, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 2, 64, 2, 8>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 2, 32, 4>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 2, 32, 3>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 2, 32, 2>(p, smem_limit, c, stream)) return true;
@@ -72,6 +80,7 @@ bool launch_rows(const DecodeParams& p, int smem_limit, const ConfigChoice& c, c
   } else {
     static_assert(MG == 1, "MG is 1, 2 or 4");
     if (try_launch<T, 1, 1, 64, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 1, 1, 64, 2, 8>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 1, 1, 32, 4>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 1, 1, 32, 3>(p, smem_limit, c, stream)) return true;
     return try_launch<T, 1, 1, 32, 2>(p, smem_limit, c, stream);
@@ -91,8 +100,8 @@ void launch_decode(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
   else
     launched = launch_rows<T, 4>(p, smem_limit, choice, stream);
   TORCH_CHECK(launched || !choice.forced, "FLASHMLA_PORTABLE_CONFIG=", choice.mg, ",", choice.mw, ",", choice.n, ",",
-              choice.stages, " is not a configuration of the portable kernel or does not fit ", smem_limit,
-              " bytes of shared memory for head_dim ", p.head_dim);
+              choice.stages, ",", choice.wn, " is not a configuration of the portable kernel or does not fit ",
+              smem_limit, " bytes of shared memory for head_dim ", p.head_dim);
   TORCH_CHECK(launched, "flash_mla_with_kvcache: head_dim ", p.head_dim,
               " is too large for the CUDA kernel's shared memory (", smem_limit, " bytes per block)");
 }
