@@ -35,7 +35,7 @@
 // ---- Shared memory layout (bytes, in this order; host and device share SmemLayout) -----------
 //   sQ      M rows x RE elements                 (RE = row_elems(head_dim_padded))
 //   sK      STAGES x N rows x RE elements
-//   sP      M rows x (N + 8) elements            (+8: 16-byte pad, ldmatrix conflict free)
+//   sP      M rows x PE elements                 (PE = p_row_elems(N): N = 64 swizzled, else N + 8)
 //   sStats  WN x M floats                        (row maxima per tile; row sums at the end)
 //   sValid  STAGES x N bytes
 // Q and K rows: when head_dim_padded % 64 == 0 (e.g. 576, 512) RE = head_dim_padded and the 16-byte
@@ -77,6 +77,16 @@ constexpr float kLn2 = 0.6931471805599453f;
 __host__ __device__ inline bool smem_swizzled(int head_dim_padded) { return head_dim_padded % 64 == 0; }
 __host__ __device__ inline int smem_row_elems(int head_dim_padded) {
   return smem_swizzled(head_dim_padded) ? head_dim_padded : head_dim_padded + kSmemPad;
+}
+
+// P row layout: 64-token rows are 8 chunks of 16 bytes, swizzled like Q/K (chunk c of row r at
+// c ^ (r % 8)); shorter rows get the 16-byte pad instead. Conflict free for the pair stores (8 rows x
+// 4 lanes per store) and for ldmatrix (8 rows at one logical chunk) alike.
+__host__ __device__ constexpr int p_row_elems(int n) { return n % 64 == 0 ? n : n + kSmemPad; }
+__host__ __device__ constexpr int p_xmask(int n) { return n % 64 == 0 ? 7 : 0; }
+template <int N>
+__device__ __forceinline__ int p_offset(int r, int c) {
+  return r * p_row_elems(N) + ((((c >> 3) ^ (r & p_xmask(N))) << 3) | (c & 7));
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -126,7 +136,7 @@ struct SmemLayout {
   static constexpr int M = 16 * MG;
   __host__ __device__ static size_t q_bytes(int hdp) { return size_t(M) * smem_row_elems(hdp) * sizeof(T); }
   __host__ __device__ static size_t k_stage_bytes(int hdp) { return size_t(N) * smem_row_elems(hdp) * sizeof(T); }
-  static constexpr size_t p_bytes = size_t(M) * (N + kSmemPad) * sizeof(T);
+  static constexpr size_t p_bytes = size_t(M) * p_row_elems(N) * sizeof(T);
   static constexpr size_t stats_bytes = size_t(WN) * M * sizeof(float);
   static constexpr size_t valid_bytes = size_t(STAGES) * N;
   __host__ __device__ static size_t total(int hdp) {
@@ -167,8 +177,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
   constexpr int kColsPerWarp = kColsPerBlock / WN;  // 128 or 64: whole 64-channel swizzle groups
   constexpr int THREADS = (MG / MW) * kWarpsN * 32;
   constexpr int kTokensPerWarp = N / kWarpsN;
-  constexpr int kNT = kTokensPerWarp / 8;  // n8 tiles of S per warp
-  constexpr int kPStride = N + kSmemPad;
+  constexpr int kNT = kTokensPerWarp / 8;    // n8 tiles of S per warp
   constexpr int kOT = kColsPerWarp / 8;      // n8 tiles of O per row group
   constexpr int kRowsPerPass = THREADS / 8;  // rows copied at once (8 threads x 16 bytes per row)
   constexpr int kPasses = (N + kRowsPerPass - 1) / kRowsPerPass;
@@ -413,7 +422,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
             const float p0 = exp2f(s[mw][j][2 * h] - base), p1 = exp2f(s[mw][j][2 * h + 1] - base);
             row_sum[mw][h] += p0 + p1;
             const int c = wn * kTokensPerWarp + j * 8 + (lane % 4) * 2;
-            *reinterpret_cast<typename DT::pair*>(sP + r * kPStride + c) = DT::make_pair(p0, p1);
+            *reinterpret_cast<typename DT::pair*>(sP + p_offset<N>(r, c)) = DT::make_pair(p0, p1);
           }
         }
 #pragma unroll
@@ -432,7 +441,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         uint32_t a[MW][4];
 #pragma unroll
         for (int mw = 0; mw < MW; ++mw)
-          ldmatrix_x4(a[mw], sP + (warp_row0 + mw * 16 + lane % 16) * kPStride + kt * 16 + (lane / 16) * 8);
+          ldmatrix_x4(a[mw], sP + p_offset<N>(warp_row0 + mw * 16 + lane % 16, kt * 16 + (lane / 16) * 8));
         // Lanes 0-7 / 8-15: tokens kt*16 + [0, 8) / [8, 16) at chunk 2 n2; lanes 16-31: chunk 2 n2 + 1.
         const T* v_lane = k_tile + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * row_elems + col0;
 #pragma unroll

@@ -6,11 +6,12 @@
 // The block's rows decide MG (the fewest 16-row groups that hold the rows, up to 64); for that MG
 // the first configuration of its list whose shared memory fits the device's opt-in limit is
 // launched, else the next smaller MG's list is tried. Sizes for head_dim 576 (swizzled rows of
-// 1152 bytes), bf16/fp16:
-//   MG = 1 (rows <= 16)             (1, 1, 64, 2) 167 KB; (1, 1, 32, 4) 168 KB; (32, 3) 131 KB; (32, 2) 94 KB
-//   MG = 2 (rows <= 32)             (2, 1, 64, 2) 188 KB; (2, 2, 64, 2); (2, 2, 32, 4) 188 KB; (32, 3); (32, 2)
-//   MG = 4 (rows > 32)              (4, 2, 64, 2) 232 KB (H100; needs the swizzled, unpadded rows); (4, 2, 32, 2) 154
-//   KB then MG = 2, MG = 1; nothing fits -> error (head_dim too large).
+// 1152 bytes), bf16/fp16, in KiB:
+//   MG = 1 (rows <= 16)  (1,1,64,2,8) 164.6; (1,1,32,4,4) 163.6; (1,1,32,3,4) 127.6; (1,1,32,2,4) 91.6
+//   MG = 2 (rows <= 32)  (2,2,64,2,8) 185.1; (2,2,32,4,4) 183.1; (2,2,32,3,4) 147.1; (2,2,32,2,4) 111.1
+//   MG = 4 (rows > 32)   (4,2,64,2,8) 226.1 (H100's 227 KiB: needs the swizzled, unpadded Q/K/P rows);
+//                        (4,2,64,2,4) 225.1; (4,2,32,2,4) 150.1; then MG = 2, MG = 1
+//   nothing fits -> error (head_dim too large).
 // The order within a list is measured (docs/KERNEL_NOTES.md). FLASHMLA_PORTABLE_CONFIG="MG,MW,N,STAGES,WN"
 // (WN may be left out: 4; read per call; for tuning and tests) launches exactly that configuration
 // of the lists, for any rows, or raises if it is not in the lists or does not fit.
@@ -43,7 +44,7 @@ inline ConfigChoice config_choice() {
   return c;
 }
 
-template <typename T, int MG, int MW, int N, int STAGES, int WN = 4>
+template <typename T, int MG, int MW, int N, int STAGES, int WN>
 bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choice, cudaStream_t stream) {
   if (choice.forced &&
       (choice.mg != MG || choice.mw != MW || choice.n != N || choice.stages != STAGES || choice.wn != WN))
@@ -64,26 +65,22 @@ bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choic
 template <typename T, int MG>
 bool launch_rows(const DecodeParams& p, int smem_limit, const ConfigChoice& c, cudaStream_t stream) {
   if constexpr (MG == 4) {
-    if (try_launch<T, 4, 2, 64, 2>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 4, 2, 64, 2, 8>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 4, 2, 32, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 4, 2, 64, 2, 4>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 4, 2, 32, 2, 4>(p, smem_limit, c, stream)) return true;
     return launch_rows<T, 2>(p, smem_limit, c, stream);
   } else if constexpr (MG == 2) {
-    if (try_launch<T, 2, 1, 64, 2>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 2, 1, 64, 2, 8>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 2, 2, 64, 2>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 2, 2, 64, 2, 8>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 2, 2, 32, 4>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 2, 2, 32, 3>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 2, 2, 32, 2>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 2, 32, 4, 4>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 2, 32, 3, 4>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 2, 2, 32, 2, 4>(p, smem_limit, c, stream)) return true;
     return launch_rows<T, 1>(p, smem_limit, c, stream);
   } else {
     static_assert(MG == 1, "MG is 1, 2 or 4");
-    if (try_launch<T, 1, 1, 64, 2>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 1, 1, 64, 2, 8>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 1, 1, 32, 4>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 1, 1, 32, 3>(p, smem_limit, c, stream)) return true;
-    return try_launch<T, 1, 1, 32, 2>(p, smem_limit, c, stream);
+    if (try_launch<T, 1, 1, 32, 4, 4>(p, smem_limit, c, stream)) return true;
+    if (try_launch<T, 1, 1, 32, 3, 4>(p, smem_limit, c, stream)) return true;
+    return try_launch<T, 1, 1, 32, 2, 4>(p, smem_limit, c, stream);
   }
 }
 
