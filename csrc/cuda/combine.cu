@@ -2,7 +2,7 @@
 //   lse = log sum_k exp(lse_k),  out = sum_k exp(lse_k - lse) out_k.
 // Rows where every piece saw nothing (all lse_k = -inf) get out = 0, lse = +inf.
 // One warp per (sequence, KV head, query row); sequences of one piece were written by the decode
-// kernel directly and are skipped.
+// kernel directly and are skipped. Each piece's weight exp(lse_k - lse) is computed once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -44,14 +44,58 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
     return;
   }
   const float inv_sum = 1.f / sum;
-  for (int c = lane; c < p.head_dim_v; c += 32) {
-    float acc = 0.f;
-    for (int k = 0; k < count; ++k) {
-      const float w = expf(lse_of(k) - max_lse) * inv_sum;
-      acc +=
-          w * p.partial_out[((int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v + c];
+  // Piece k's weight; lane k < 32 keeps the first 32 (handed out by shuffle), later ones are recomputed.
+  const float my_weight = lane < count ? expf(lse_of(lane) - max_lse) * inv_sum : 0.f;
+  auto weight = [&](int k) {
+    return k < 32 ? __shfl_sync(0xffffffff, my_weight, k) : expf(lse_of(k) - max_lse) * inv_sum;
+  };
+  const float* piece0 =
+      p.partial_out + ((int64_t(first) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v;
+  const int64_t piece_stride = int64_t(p.num_heads_k) * p.rows_per_head_k * p.head_dim_v;
+  if (p.head_dim_v % 4 == 0) {
+    // Each lane owns channels 4 lane + 128 i (float4 loads, 16-byte aligned since head_dim_v % 4 == 0);
+    // the pieces are the outer loop, so a lane's kVecs loads of one piece are independent.
+    constexpr int kVecs = 4;  // 512 channels per pass
+    for (int c0 = 0; c0 < p.head_dim_v; c0 += 128 * kVecs) {
+      float4 acc[kVecs];
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 2
+      for (int k = 0; k < count; ++k) {
+        const float w = weight(k);
+        const float* src = piece0 + k * piece_stride;
+#pragma unroll
+        for (int i = 0; i < kVecs; ++i) {
+          const int c = c0 + 128 * i + 4 * lane;
+          if (c < p.head_dim_v) {
+            const float4 v = *reinterpret_cast<const float4*>(src + c);
+            acc[i].x += w * v.x;
+            acc[i].y += w * v.y;
+            acc[i].z += w * v.z;
+            acc[i].w += w * v.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        const int c = c0 + 128 * i + 4 * lane;
+        if (c < p.head_dim_v) {
+          auto* d2 = reinterpret_cast<typename Dtype<T>::pair*>(dst + c);
+          d2[0] = Dtype<T>::make_pair(acc[i].x, acc[i].y);
+          d2[1] = Dtype<T>::make_pair(acc[i].z, acc[i].w);
+        }
+      }
     }
-    dst[c] = Dtype<T>::from_float(acc);
+  } else {
+    for (int c0 = 0; c0 < p.head_dim_v; c0 += 32) {  // whole warp in every pass: weight() shuffles
+      const int c = c0 + lane;
+      float acc = 0.f;
+      for (int k = 0; k < count; ++k) {
+        const float w = weight(k);
+        if (c < p.head_dim_v) acc += w * piece0[k * piece_stride + c];
+      }
+      if (c < p.head_dim_v) dst[c] = Dtype<T>::from_float(acc);
+    }
   }
   if (lane == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = max_lse + logf(sum);
 }
