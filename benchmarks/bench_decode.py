@@ -377,6 +377,9 @@ def plot(records: List[Dict], path: Path, title: str) -> Optional[str]:
 
 
 def git_commit() -> Optional[str]:
+    """HEAD of the checkout, or $FLASHMLA_COMMIT when set (a copied tree may carry a stale .git)."""
+    if os.environ.get("FLASHMLA_COMMIT"):
+        return os.environ["FLASHMLA_COMMIT"]
     try:
         return (
             subprocess.run(

@@ -9,8 +9,8 @@
 // head). Rows past rows_per_head_k are zero in shared memory, computed and never written.
 //
 // Warps form a (MG / MW) x WN grid (WN = 4 or 8 warps along tokens / channels). Warp (rw, wn)
-// owns the MW m16 row groups [16 MW rw, 16 MW (rw + 1)) of the tile (MW = 2 or 4: 32 or 64 rows,
-// so every K or V fragment that ldmatrix brings in feeds MW mma's), and
+// owns the MW m16 row groups [16 MW rw, 16 MW (rw + 1)) of the tile (MW = 2: 32 rows, so every
+// K or V fragment that ldmatrix brings in feeds two mma's), and
 //   - for S = Q K^T: tokens [wn N/WN, (wn + 1) N/WN) of the tile,
 //   - for O += P V: output channels [wn C, (wn + 1) C) of the chunk, C = 512 / WN (O: MW x C/8 n8
 //     tiles). WN = 8 halves each warp's share (more warps per block, shorter chains per warp).
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
   constexpr int kRowsPerPass = THREADS / 8;  // rows copied at once (8 threads x 16 bytes per row)
   constexpr int kPasses = (N + kRowsPerPass - 1) / kRowsPerPass;
   static_assert(kTokensPerWarp % 8 == 0, "each warp needs whole n8 tiles of tokens");
-  static_assert(MG % MW == 0 && (MW == 1 || MW == 2 || MW == 4), "row groups per warp");
+  static_assert(MG % MW == 0 && (MW == 1 || MW == 2), "row groups per warp");
   static_assert(STAGES >= 2, "at least double buffering");
   static_assert(WN == 4 || WN == 8, "warps along tokens / channels");
   using L = SmemLayout<T, MG, N, STAGES, WN>;

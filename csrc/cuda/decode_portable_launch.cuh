@@ -10,7 +10,7 @@
 //   MG = 1 (rows <= 16)  (1,1,64,2,8) 164.6; (1,1,32,4,4) 163.6; (1,1,32,3,4) 127.6; (1,1,32,2,4) 91.6
 //   MG = 2 (rows <= 32)  (2,2,64,2,8) 185.1; (2,2,32,4,4) 183.1; (2,2,32,3,4) 147.1; (2,2,32,2,4) 111.1
 //   MG = 4 (rows > 32)   (4,2,64,2,4) 225.1 (H100's 227 KiB: needs the swizzled, unpadded Q/K rows);
-//                        (4,4,64,2,8) 226.1; (4,2,32,2,4) 150.1; then MG = 2, MG = 1
+//                        (4,2,32,2,4) 150.1; then MG = 2, MG = 1
 //   nothing fits -> error (head_dim too large).
 // The order within a list is measured (docs/KERNEL_NOTES.md). FLASHMLA_PORTABLE_CONFIG="MG,MW,N,STAGES,WN"
 // (WN may be left out: 4; read per call; for tuning and tests) launches exactly that configuration
@@ -66,7 +66,6 @@ template <typename T, int MG>
 bool launch_rows(const DecodeParams& p, int smem_limit, const ConfigChoice& c, cudaStream_t stream) {
   if constexpr (MG == 4) {
     if (try_launch<T, 4, 2, 64, 2, 4>(p, smem_limit, c, stream)) return true;
-    if (try_launch<T, 4, 4, 64, 2, 8>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 4, 2, 32, 2, 4>(p, smem_limit, c, stream)) return true;
     return launch_rows<T, 2>(p, smem_limit, c, stream);
   } else if constexpr (MG == 2) {
