@@ -27,7 +27,11 @@
 namespace flashmla {
 
 constexpr int kSchedBlockN = 64;        // tokens per scheduling block
-constexpr int kFixedCostBlocks = 5;     // fixed cost of one (sequence, worker) piece, in blocks
+// Fixed cost of one (sequence, worker) piece, in blocks. Measured (scripts/sched_sweep.py, H100,
+// docs/KERNEL_NOTES.md): 3 is within 1% of the best of {0, 1, 2, 3, 5} on every varlen row for both
+// CUDA kernels (5, FlashMLA's value, was 1-4% slower there), and still gives each of 128 equal
+// sequences of 4096 tokens a worker of its own on 132 SMs.
+constexpr int kFixedCostBlocks = 3;
 constexpr int kMetadataWidth = 8;       // int32 fields per worker in tile_scheduler_metadata
 constexpr int kRowsPerWorkerTile = 64;  // query rows (s_q * heads per KV head) one CUDA worker holds
 
