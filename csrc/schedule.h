@@ -26,7 +26,7 @@
 
 namespace flashmla {
 
-constexpr int kSchedBlockN = 64;        // tokens per scheduling block
+constexpr int kSchedBlockN = 64;  // tokens per scheduling block
 // Fixed cost of one (sequence, worker) piece, in blocks. Measured (scripts/sched_sweep.py, H100,
 // docs/KERNEL_NOTES.md): 3 is within 1% of the best of {0, 1, 2, 3, 5} on every varlen row for both
 // CUDA kernels (5, FlashMLA's value, was 1-4% slower there), and still gives each of 128 equal

@@ -3,11 +3,13 @@
 // Rows where every piece saw nothing (all lse_k = -inf) get out = 0, lse = +inf.
 // One warp per (sequence, KV head, query row); sequences of one piece were written by the decode
 // kernel directly and are skipped. Each piece's weight exp(lse_k - lse) is computed once.
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "combine.h"
 #include "dtype.cuh"
+#include "pdl.cuh"
 
 namespace flashmla {
 namespace {
@@ -23,7 +25,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
   // Clamped so that metadata built for other lengths can never index outside the buffers.
   const int first = min(max(p.num_splits[b], 0), p.partial_rows);
   const int count = min(p.num_splits[b + 1] - p.num_splits[b], p.partial_rows - first);
-  if (count <= 1) return;
+  if (count <= 1) return;  // (num_splits comes from get_mla_metadata, finished before the decode began)
+  pdl_wait_primary();      // the decode grid's partial results are complete and visible
   auto lse_of = [&](int k) {
     return p.partial_lse[(int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row];
   };
@@ -102,12 +105,18 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
 
 }  // namespace
 
-void launch_combine(const DecodeParams& p, bool is_bf16, cudaStream_t stream) {
-  const dim3 grid((p.rows_per_head_k + kRowsPerBlock - 1) / kRowsPerBlock, p.num_heads_k, p.batch);
-  if (is_bf16)
-    combine_kernel<__nv_bfloat16><<<grid, kRowsPerBlock * 32, 0, stream>>>(p);
-  else
-    combine_kernel<__half><<<grid, kRowsPerBlock * 32, 0, stream>>>(p);
+void launch_combine(const DecodeParams& p, bool is_bf16, bool programmatic, cudaStream_t stream) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3((p.rows_per_head_k + kRowsPerBlock - 1) / kRowsPerBlock, p.num_heads_k, p.batch);
+  config.blockDim = dim3(kRowsPerBlock * 32);
+  config.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attr;
+  config.numAttrs = programmatic ? 1 : 0;
+  C10_CUDA_CHECK(is_bf16 ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, p)
+                         : cudaLaunchKernelEx(&config, combine_kernel<__half>, p));
 }
 
 }  // namespace flashmla

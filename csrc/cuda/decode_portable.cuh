@@ -65,6 +65,7 @@
 #include "../schedule.h"
 #include "decode_params.h"
 #include "dtype.cuh"
+#include "pdl.cuh"
 
 namespace flashmla {
 namespace portable {
@@ -199,6 +200,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
   unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + L::stats_bytes;            // [STAGES][N]
   const int k_stage_elems = N * row_elems;
 
+  pdl_allow_dependents();  // the combine kernel may launch now; it waits for this grid (pdl.cuh)
   const int part = blockIdx.x;
   const int m_blocks = (p.rows_per_head_k + M - 1) / M;
   const int hk = blockIdx.y / m_blocks;

@@ -26,6 +26,7 @@
 #include "../schedule.h"
 #include "decode_params.h"
 #include "dtype.cuh"
+#include "pdl.cuh"
 
 namespace flashmla {
 namespace sm90 {
@@ -227,6 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   const uint32_t full_bar = smem_u32(sValid + S::valid_bytes);                        // kStages x 8 bytes
   const uint32_t empty_bar = full_bar + kStages * 8;
 
+  pdl_allow_dependents();  // the combine kernel may launch now; it waits for this grid (pdl.cuh)
   const int tid = threadIdx.x;
   const int part = blockIdx.x;
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;

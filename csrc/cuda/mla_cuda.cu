@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
     else
       launch_portable_decode_fp16(p, dev.smem_optin, stream);
   }
-  launch_combine(p, is_bf16, stream);
+  launch_combine(p, is_bf16, /*programmatic=*/dev.cc_major >= 9, stream);
   return {out, lse};
 }
 
