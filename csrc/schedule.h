@@ -1,8 +1,8 @@
 // The split-KV work schedule, shared by the CPU and CUDA paths.
 //
 // Each sequence's live tokens are cut into scheduling blocks of kSchedBlockN tokens. The work of a
-// sequence costs (its blocks + kFixedCostBlocks), the fixed part standing for loading q and writing
-// the result. The schedule hands out `num_sm_parts` contiguous runs of that work, in batch order,
+// sequence costs (its blocks + fixed_cost_blocks(rows)), the fixed part standing for loading q and
+// writing the result. The schedule hands out `num_sm_parts` contiguous runs of that work, in batch order,
 // about equal in cost, so every worker (a CUDA block or a CPU task) reads about as many KV bytes.
 //
 // Metadata layout (int32):
@@ -26,14 +26,19 @@
 
 namespace flashmla {
 
-constexpr int kSchedBlockN = 64;  // tokens per scheduling block
-// Fixed cost of one (sequence, worker) piece, in blocks. Measured (scripts/sched_sweep.py, H100,
-// docs/KERNEL_NOTES.md): 3 is within 1% of the best of {0, 1, 2, 3, 5} on every varlen row for both
-// CUDA kernels (5, FlashMLA's value, was 1-4% slower there), and still gives each of 128 equal
-// sequences of 4096 tokens a worker of its own on 132 SMs.
-constexpr int kFixedCostBlocks = 3;
+constexpr int kSchedBlockN = 64;        // tokens per scheduling block
 constexpr int kMetadataWidth = 8;       // int32 fields per worker in tile_scheduler_metadata
 constexpr int kRowsPerWorkerTile = 64;  // query rows (s_q * heads per KV head) one CUDA worker holds
+
+// Fixed cost of one (sequence, worker) piece, in blocks: loading q, writing the fp32 partial result
+// and merging it, which grow with the query rows. Measured on the H100 (scripts/sched_sweep.py,
+// docs/KERNEL_NOTES.md): up to 64 rows, 3 is within 1% of the best of {0, 1, 2, 3, 5} on every
+// varlen row for both CUDA kernels (FlashMLA's 5 was 1-4% slower); above 64 rows (two 64-row tiles
+// per KV head, half as many workers) 3 cut each of 128 equal 4096-token sequences in two, 2-3%
+// slower than 5, which keeps them whole.
+FLASHMLA_HOST_DEVICE inline int fixed_cost_blocks(long long rows_per_head_k) {
+  return rows_per_head_k <= kRowsPerWorkerTile ? 3 : 5;
+}
 
 struct WorkerRange {
   int begin_batch, begin_token, end_batch, end_token, begin_split;
@@ -43,13 +48,15 @@ FLASHMLA_HOST_DEVICE inline int sched_blocks(int seqlen) {
   return seqlen > 0 ? (seqlen + kSchedBlockN - 1) / kSchedBlockN : 0;
 }
 
-// Fills metadata (num_sm_parts x kMetadataWidth) and num_splits (batch + 1) from the lengths.
+// Fills metadata (num_sm_parts x kMetadataWidth) and num_splits (batch + 1) from the lengths, for
+// rows_per_head_k query rows per KV head (get_mla_metadata's num_heads_per_head_k).
 // Runs sequentially: on the host for CPU tensors, in one CUDA thread for device tensors.
-FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, int num_sm_parts, int* metadata,
-                                                int* num_splits) {
+FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, int num_sm_parts,
+                                                long long rows_per_head_k, int* metadata, int* num_splits) {
+  const int fixed_cost = fixed_cost_blocks(rows_per_head_k);
   long long total_cost = 0;
-  for (int i = 0; i < batch; ++i) total_cost += sched_blocks(seqlens[i]) + kFixedCostBlocks;
-  const long long payload = (total_cost + num_sm_parts - 1) / num_sm_parts + kFixedCostBlocks;
+  for (int i = 0; i < batch; ++i) total_cost += sched_blocks(seqlens[i]) + fixed_cost;
+  const long long payload = (total_cost + num_sm_parts - 1) / num_sm_parts + fixed_cost;
 
   int cur_batch = 0, cur_block = 0, cur_split = 0, cum_splits = 0;
   num_splits[0] = 0;
@@ -63,17 +70,17 @@ FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, i
     long long budget = payload;
     while (cur_batch < batch) {
       const int remaining = sched_blocks(seqlens[cur_batch]) - cur_block;
-      if (last_part || budget >= remaining + kFixedCostBlocks) {
+      if (last_part || budget >= remaining + fixed_cost) {
         // The rest of this sequence fits: finish it here.
         cum_splits += cur_split + 1;
         num_splits[cur_batch + 1] = cum_splits;
-        budget -= remaining + kFixedCostBlocks;
+        budget -= remaining + fixed_cost;
         ++cur_batch;
         cur_block = 0;
         cur_split = 0;
       } else {
         // Take what the budget allows and leave the rest to the next worker.
-        const long long take = budget - kFixedCostBlocks;
+        const long long take = budget - fixed_cost;
         if (take > 0) {
           cur_block += static_cast<int>(take);
           ++cur_split;

@@ -21,9 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import common as C
 
-LIBRARY_FIXED_COST = 3  # csrc/schedule.h kFixedCostBlocks
+
+def library_fixed_cost(rows: int) -> int:
+    """csrc/schedule.h fixed_cost_blocks."""
+    return 3 if rows <= 64 else 5
+
+
 BLOCK_N = 64  # csrc/schedule.h kSchedBlockN
-ROWS = [(16, 1, 4096, True), (16, 1, 4096, False), (64, 1, 4096, True), (128, 1, 4096, True),
+ROWS = [(16, 1, 4096, True), (16, 1, 4096, False), (64, 1, 4096, True), (128, 1, 4096, True), (128, 1, 4096, False),
         (16, 1, 8192, True), (32, 2, 8192, True), (128, 2, 4096, True)]  # fmt: skip
 
 
@@ -77,7 +82,7 @@ def main():
         inp = C.build_inputs(128, s_q, h_q, seqlens)
         lib_md, lib_splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens, s_q * h_q, 1)
         parts = lib_md.shape[0]
-        md, splits = schedule(seqlens, parts, LIBRARY_FIXED_COST)
+        md, splits = schedule(seqlens, parts, library_fixed_cost(s_q * h_q))
         assert lib_md.cpu().tolist() == md and lib_splits.cpu().tolist() == splits, (
             "Python schedule != library's"
         )

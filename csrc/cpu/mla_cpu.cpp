@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cpu(const at::Tensor& cache_
     TORCH_CHECK(len[i] >= 0, "get_mla_metadata: cache_seqlens[", i, "] = ", len[i], " is negative");
   auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
   auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
-  build_schedule(len, static_cast<int>(batch), static_cast<int>(parts), metadata.data_ptr<int>(),
+  build_schedule(len, static_cast<int>(batch), static_cast<int>(parts), num_heads_per_head_k, metadata.data_ptr<int>(),
                  num_splits.data_ptr<int>());
   return {metadata, num_splits};
 }
@@ -220,7 +220,7 @@ void check_metadata_matches(const MlaShapes& s, const at::Tensor& lens, const at
                             const at::Tensor& splits) {
   auto want_md = at::empty_like(md);
   auto want_splits = at::empty_like(splits);
-  build_schedule(lens.data_ptr<int>(), static_cast<int>(s.batch), static_cast<int>(s.num_sm_parts),
+  build_schedule(lens.data_ptr<int>(), static_cast<int>(s.batch), static_cast<int>(s.num_sm_parts), s.rows_per_head_k,
                  want_md.data_ptr<int>(), want_splits.data_ptr<int>());
   TORCH_CHECK(at::equal(want_md, md) && at::equal(want_splits, splits),
               "flash_mla_with_kvcache: tile_scheduler_metadata / num_splits do not match cache_seqlens; "

@@ -53,14 +53,16 @@ constexpr int kScheduleThreads = 256;
 constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
 
 __global__ void __launch_bounds__(kScheduleThreads)
-    build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, int* metadata, int* num_splits) {
+    build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
+                          int* num_splits) {
   __shared__ int staged[kMaxStagedBatch];
   const bool stage = batch <= kMaxStagedBatch;
   if (stage) {
     for (int i = threadIdx.x; i < batch; i += blockDim.x) staged[i] = seqlens[i];
     __syncthreads();
   }
-  if (threadIdx.x == 0) build_schedule(stage ? staged : seqlens, batch, num_sm_parts, metadata, num_splits);
+  if (threadIdx.x == 0)
+    build_schedule(stage ? staged : seqlens, batch, num_sm_parts, rows_per_head_k, metadata, num_splits);
 }
 
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens, int64_t num_heads_per_head_k,
@@ -73,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
   auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
   auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
   build_schedule_kernel<<<1, kScheduleThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      lens.data_ptr<int>(), int(batch), int(parts), metadata.data_ptr<int>(), num_splits.data_ptr<int>());
+      lens.data_ptr<int>(), int(batch), int(parts), num_heads_per_head_k, metadata.data_ptr<int>(),
+      num_splits.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {metadata, num_splits};
 }
