@@ -1,7 +1,7 @@
 """Schedule experiment (GPU machine): how the split-KV schedule's fixed cost per piece changes the
 attention time.
 
-csrc/schedule.h charges each (sequence, worker) piece kFixedCostBlocks extra blocks of work. This
+csrc/schedule.h charges each (sequence, worker) piece fixed_cost_blocks(rows) extra blocks of work. This
 script rebuilds that schedule in Python for other fixed costs, passes the metadata to
 flash_mla_with_kvcache (the kernels accept any schedule of the right shape), checks the outputs
 against the fp32 reference and times the attention (CUDA-graph replay, median). The library's own
