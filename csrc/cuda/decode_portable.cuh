@@ -334,6 +334,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
           for (int e = 0; e < 4; ++e) s[mw][j][e] = s_odd[mw][j][e] = 0.f;
       const T* q_lane = sQ + (warp_row0 + lane % 16) * row_elems;
       const T* k_lane = k_tile + (wn * kTokensPerWarp + lane % 8) * row_elems;
+#pragma unroll 3  // lets the next 64 channels' ldmatrix overlap this one's mma chains
       for (int k0 = 0; k0 < hdp; k0 += 64) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
