@@ -372,6 +372,22 @@ def test_metadata_values_do_not_depend_on_stale_state(device):
     check_schedule_invariants(md1.cpu(), sp1.cpu(), lens.tolist())
 
 
+@pytest.mark.parametrize(
+    "rows,parts,blocks", [(16, 132, 64), (64, 132, 128), (128, 66, 64)], ids=lambda v: str(v)
+)
+def test_schedule_keeps_equal_sequences_whole(rows, parts, blocks):
+    """The fixed cost per piece (csrc/schedule.h fixed_cost_blocks) leaves 128 equal sequences uncut
+    on the H100's worker counts (132 workers up to 64 rows per KV head, 66 above): the grid's
+    fixed-length rows pay no partial results and no merge. A cost of 3 at 128 rows cut every
+    sequence and was measured 3% slower (docs/KERNEL_NOTES.md)."""
+    lens = torch.full((128,), blocks * 64, dtype=torch.int32)
+    with num_threads(parts):
+        md, splits = flashmla_ops.get_mla_metadata(lens, rows, 1)
+    assert md.shape == (parts, 8)
+    check_schedule_invariants(md, splits, lens.tolist())
+    assert int(splits[-1]) == 128, "every sequence should be one piece"
+
+
 # ----------------------------------------------------------------------------------------------
 # Determinism and poison
 # ----------------------------------------------------------------------------------------------

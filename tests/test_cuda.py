@@ -174,7 +174,7 @@ def test_cuda_metadata_matches_schedule(num_heads_per_head_k, num_heads_k):
 
 
 @DTYPES
-@pytest.mark.parametrize("shape", ["deepseek", "small"])
+@pytest.mark.parametrize("shape", ["deepseek", "small", "small_odd_dv"])
 def test_other_num_sm_parts(dtype, shape):
     """The CUDA kernel accepts metadata of any worker count (an exported program may run on a GPU
     with another SM count). Metadata of 1..300 workers, built by the CPU schedule and moved to the
@@ -197,7 +197,7 @@ def test_other_num_sm_parts(dtype, shape):
             num_heads_q=6,
             num_heads_k=2,
             head_dim=40,
-            head_dim_v=32,
+            head_dim_v=33 if shape == "small_odd_dv" else 32,  # 33: the combine's scalar path
             page_block_size=16,
             dtype=dtype,
             device=DEVICE,
