@@ -25,8 +25,11 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
   // Clamped so that metadata built for other lengths can never index outside the buffers.
   const int first = min(max(p.num_splits[b], 0), p.partial_rows);
   const int count = min(p.num_splits[b + 1] - p.num_splits[b], p.partial_rows - first);
-  if (count <= 1) return;  // (num_splits comes from get_mla_metadata, finished before the decode began)
-  pdl_wait_primary();      // the decode grid's partial results are complete and visible
+  // Every block waits for the decode grid (its partial results complete and visible), even one with
+  // nothing to merge: the combine grid then never finishes before the decode grid, so work queued
+  // after it on the stream is ordered after the decode too.
+  pdl_wait_primary();
+  if (count <= 1) return;
   auto lse_of = [&](int k) {
     return p.partial_lse[(int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row];
   };
