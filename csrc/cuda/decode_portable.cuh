@@ -131,6 +131,27 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
+// dst[c], dst[c + 1] = a, b, skipping elements at or past n; one pair store when n is even (c is
+// even, so the pair is aligned). E is T (the output) or float (partial results).
+template <typename E>
+__device__ __forceinline__ void store_two(E* dst, int c, int n, float a, float b) {
+  if (c + 1 < n && n % 2 == 0) {
+    if constexpr (std::is_same_v<E, float>)
+      *reinterpret_cast<float2*>(dst + c) = make_float2(a, b);
+    else
+      *reinterpret_cast<typename Dtype<E>::pair*>(dst + c) = Dtype<E>::make_pair(a, b);
+  } else {
+    auto convert = [](float x) {
+      if constexpr (std::is_same_v<E, float>)
+        return x;
+      else
+        return Dtype<E>::from_float(x);
+    };
+    if (c < n) dst[c] = convert(a);
+    if (c + 1 < n) dst[c + 1] = convert(b);
+  }
+}
+
 // Shared-memory footprint of a configuration, in bytes (host and device agree on this layout).
 template <typename T, int MG, int N, int STAGES, int WN>
 struct SmemLayout {
@@ -174,10 +195,9 @@ __device__ __forceinline__ void copy_row(T* d, const T* src, int x, const Decode
 template <typename T, int MG, int MW, int N, int STAGES, int WN>
 __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
   constexpr int M = 16 * MG;
-  constexpr int kWarpsN = WN;
   constexpr int kColsPerWarp = kColsPerBlock / WN;  // 128 or 64: whole 64-channel swizzle groups
-  constexpr int THREADS = (MG / MW) * kWarpsN * 32;
-  constexpr int kTokensPerWarp = N / kWarpsN;
+  constexpr int THREADS = (MG / MW) * WN * 32;
+  constexpr int kTokensPerWarp = N / WN;
   constexpr int kNT = kTokensPerWarp / 8;    // n8 tiles of S per warp
   constexpr int kOT = kColsPerWarp / 8;      // n8 tiles of O per row group
   constexpr int kRowsPerPass = THREADS / 8;  // rows copied at once (8 threads x 16 bytes per row)
@@ -196,7 +216,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = reinterpret_cast<T*>(smem + L::q_bytes(hdp));  // STAGES stages
   T* sP = reinterpret_cast<T*>(smem + L::q_bytes(hdp) + STAGES * L::k_stage_bytes(hdp));
-  float* sStats = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sP) + L::p_bytes);  // [kWarpsN][M]
+  float* sStats = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sP) + L::p_bytes);  // [WN][M]
   unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + L::stats_bytes;            // [STAGES][N]
   const int k_stage_elems = N * row_elems;
 
@@ -207,7 +227,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
   const int row_base = (blockIdx.y % m_blocks) * M;
   const int col_base = blockIdx.z * kColsPerBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rw = warp / kWarpsN, wn = warp % kWarpsN;
+  const int rw = warp / WN, wn = warp % WN;
   const int warp_row0 = rw * 16 * MW;  // this warp's first row in the tile
   const int g = p.num_heads_per_head_k;
   const int capacity = p.max_blocks_per_seq * p.page_block_size;
@@ -405,7 +425,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
           const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
           float m_new = row_max[mw][h];
 #pragma unroll
-          for (int w = 0; w < kWarpsN; ++w) m_new = fmaxf(m_new, sStats[w * M + r]);
+          for (int w = 0; w < WN; ++w) m_new = fmaxf(m_new, sStats[w * M + r]);
           // A row that has seen nothing yet keeps m = -inf; use 0 as the exponent base so p = 0.
           const float base = m_new == -INFINITY ? 0.f : m_new;
           rescale[mw][h] = exp2f(row_max[mw][h] - base);
@@ -437,7 +457,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         }
       }
       __syncthreads();  // #3: P of every warp
-      // O += P V for rows [warp_row0, + 16 MW), channels [col_base + wn * 128, + 128).
+      // O += P V for rows [warp_row0, + 16 MW), channels [col_base + wn * kColsPerWarp, + kColsPerWarp).
       const int col0 = col_base + wn * kColsPerWarp;  // a multiple of 64: swizzle-group aligned
 #pragma unroll
       for (int kt = 0; kt < N / 16; ++kt) {
@@ -486,7 +506,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
         float total = 0.f;
 #pragma unroll
-        for (int w = 0; w < kWarpsN; ++w) total += sStats[w * M + r];
+        for (int w = 0; w < WN; ++w) total += sStats[w * M + r];
         const int row = row_base + r;
         if (row >= p.rows_per_head_k) continue;
         const bool empty = total == 0.f;
@@ -497,31 +517,16 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         if (whole) {
           T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * p.head_dim_v;
 #pragma unroll
-          for (int i = 0; i < kOT; ++i) {
-            const int c = col0 + i * 8;
-            if (c + 1 < p.head_dim_v && (p.head_dim_v % 2) == 0) {
-              *reinterpret_cast<typename DT::pair*>(dst + c) =
-                  DT::make_pair(o[mw][i][2 * h] * inv, o[mw][i][2 * h + 1] * inv);
-            } else {
-              if (c < p.head_dim_v) dst[c] = DT::from_float(o[mw][i][2 * h] * inv);
-              if (c + 1 < p.head_dim_v) dst[c + 1] = DT::from_float(o[mw][i][2 * h + 1] * inv);
-            }
-          }
+          for (int i = 0; i < kOT; ++i)
+            store_two(dst, col0 + i * 8, p.head_dim_v, o[mw][i][2 * h] * inv, o[mw][i][2 * h + 1] * inv);
           if (wn == 0 && blockIdx.z == 0 && lane % 4 == 0)
             p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = lse;
         } else {
           const int64_t prow = (int64_t(split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
           float* dst = p.partial_out + prow * p.head_dim_v;
 #pragma unroll
-          for (int i = 0; i < kOT; ++i) {
-            const int c = col0 + i * 8;
-            if (c + 1 < p.head_dim_v && (p.head_dim_v % 2) == 0) {  // 8-byte aligned: one float2 store
-              *reinterpret_cast<float2*>(dst + c) = make_float2(o[mw][i][2 * h] * inv, o[mw][i][2 * h + 1] * inv);
-            } else {
-              if (c < p.head_dim_v) dst[c] = o[mw][i][2 * h] * inv;
-              if (c + 1 < p.head_dim_v) dst[c + 1] = o[mw][i][2 * h + 1] * inv;
-            }
-          }
+          for (int i = 0; i < kOT; ++i)
+            store_two(dst, col0 + i * 8, p.head_dim_v, o[mw][i][2 * h] * inv, o[mw][i][2 * h + 1] * inv);
           if (wn == 0 && blockIdx.z == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
         }
       }
