@@ -3,7 +3,7 @@
 # benchmark; logs and results under $OUT, a short table printed last.
 #   scripts/gpu_run.sh [stage ...]   stages: build tune sched smoke tests aoti sanitize profile bench
 #                                    (default: all but tune, sched and profile; a 10-minute call
-#                                    fits `build tune smoke tests` or `build aoti sanitize bench`)
+#                                    fits `build smoke tests bench`, then `build aoti sanitize`)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
