@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
-#   scripts/gpu_run.sh [stage ...]   stages: build tune sched smoke tests aoti sanitize profile bench
-#                                    (default: all but tune, sched and profile; a 10-minute call
+#   scripts/gpu_run.sh [stage ...]   stages: build tune sched ab smoke tests aoti sanitize profile bench
+#                                    (default: all but tune, sched, ab and profile; a 10-minute call
 #                                    fits `build smoke tests bench`, then `build aoti sanitize`)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call.
 set -uo pipefail
@@ -70,6 +70,13 @@ if has sanitize; then
     compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/cuda_smoke.py --small > "$OUT/sanitize_$tool.log" 2>&1
     note "compute-sanitizer $tool rc=$? $(elapsed) : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
   done
+fi
+if has ab; then
+  # One environment switch A/B on a few rows, with decode / combine times (scripts/env_ab.py).
+  $PY scripts/env_ab.py --var "${AB_VAR:-FLASHMLA_KV_EVICT_FIRST}" --values "${AB_VALUES:-1,0}" \
+    ${AB_ROWS:+--rows "$AB_ROWS"} --out "$OUT/ab" > "$OUT/ab.log" 2>&1
+  note "ab rc=$? $(elapsed)"
+  grep "^|" "$OUT/ab.log"
 fi
 if has sched; then
   # The schedule's fixed cost per piece against attention time (scripts/sched_sweep.py).

@@ -26,7 +26,9 @@ struct DecodeParams {
   int64_t block_table_stride;
   float scale_log2;  // softmax_scale * log2(e): scores are kept in the log2 domain
   bool causal;
-  bool vec16;  // q and k rows are 16-byte aligned with head_dim % 8 == 0
+  bool vec16;           // q and k rows are 16-byte aligned with head_dim % 8 == 0
+  bool kv_evict_first;  // KV loads may be marked L2 evict-first (l2_policy.cuh); the launchers clear it
+                        // when several blocks read the same KV
 };
 
 }  // namespace flashmla

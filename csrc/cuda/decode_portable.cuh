@@ -65,6 +65,7 @@
 #include "../schedule.h"
 #include "decode_params.h"
 #include "dtype.cuh"
+#include "l2_policy.cuh"
 #include "pdl.cuh"
 
 namespace flashmla {
@@ -95,8 +96,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // 16-byte global -> shared copy; src_bytes = 0 writes zeros (used for masked tokens).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes, uint64_t l2_policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes), "l"(l2_policy));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -171,7 +173,7 @@ struct SmemLayout {
 // bytes each. vec16: cp.async (the caller commits); else element copies (plain stores, visible
 // after the next barrier).
 template <typename T>
-__device__ __forceinline__ void copy_row(T* d, const T* src, int x, const DecodeParams& p) {
+__device__ __forceinline__ void copy_row(T* d, const T* src, int x, const DecodeParams& p, uint64_t l2_policy) {
   constexpr int kThreadsPerRow = 8;
   const int tid = threadIdx.x;
   if (p.vec16) {
@@ -183,7 +185,7 @@ __device__ __forceinline__ void copy_row(T* d, const T* src, int x, const Decode
     T* dd = d + ((c0 ^ x) << 3);
     for (int c = c0; c < p.head_dim_padded / 8; c += kThreadsPerRow, s += 64, dd += 64) {
       const bool live = c < live_chunks;
-      cp_async_16(dd, live ? s : static_cast<const T*>(p.k_cache), live ? 16 : 0);
+      cp_async_16(dd, live ? s : static_cast<const T*>(p.k_cache), live ? 16 : 0, l2_policy);
     }
   } else {  // unaligned rows or head_dim % 8 != 0: element copies
     for (int c = tid % kThreadsPerRow; c < p.head_dim_padded; c += kThreadsPerRow) {
@@ -231,6 +233,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
   const int warp_row0 = rw * 16 * MW;  // this warp's first row in the tile
   const int g = p.num_heads_per_head_k;
   const int capacity = p.max_blocks_per_seq * p.page_block_size;
+  const uint64_t l2_policy = kv_l2_policy(p.kv_evict_first);
 
   // Per-lane ldmatrix offsets (elements) inside a 64-channel group: chunk b (< 8) of a row this
   // lane addresses sits at chunk b ^ lx.
@@ -263,7 +266,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         const T* src = row < p.rows_per_head_k ? static_cast<const T*>(p.q) + b * p.q_stride_b +
                                                      (row / g) * p.q_stride_s + (hk * g + row % g) * p.q_stride_h
                                                : nullptr;
-        copy_row<T>(sQ + r * row_elems, src, r & xmask, p);
+        copy_row<T>(sQ + r * row_elems, src, r & xmask, p, l2_policy);
       }
     }
     // K tiles load in two steps: tile_blocks loads the rows' block ids from the block table (global
@@ -290,7 +293,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
                                     (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head
                               : nullptr;
           if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
-          copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p);
+          copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p, l2_policy);
         }
       }
     };

@@ -56,7 +56,9 @@ bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choic
   constexpr int M = 16 * MG;
   const int m_blocks = (p.rows_per_head_k + M - 1) / M;
   const dim3 grid(p.num_sm_parts, p.num_heads_k * m_blocks, (p.head_dim_v + kColsPerBlock - 1) / kColsPerBlock);
-  kernel<<<grid, (MG / MW) * WN * 32, smem, stream>>>(p);
+  DecodeParams kp = p;
+  kp.kv_evict_first = p.kv_evict_first && m_blocks == 1 && grid.z == 1;  // else blocks share KV through L2
+  kernel<<<grid, (MG / MW) * WN * 32, smem, stream>>>(kp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

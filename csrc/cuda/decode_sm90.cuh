@@ -26,6 +26,7 @@
 #include "../schedule.h"
 #include "decode_params.h"
 #include "dtype.cuh"
+#include "l2_policy.cuh"
 #include "pdl.cuh"
 
 namespace flashmla {
@@ -84,8 +85,10 @@ __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes, uint64_t l2_policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes), "l"(l2_policy)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
@@ -107,11 +110,11 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
-                                            uint32_t bar) {
+                                            uint32_t bar, uint64_t l2_policy) {
   asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-      "[%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3, "
+      "%4, %5}], [%6], %7;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "l"(l2_policy)
       : "memory");
 }
 
@@ -196,7 +199,8 @@ __device__ __forceinline__ Piece piece_of(const DecodeParams& p, const int* md, 
 // Copies 64 rows of D channels into a swizzled matrix with `threads` threads (8 per row);
 // row r from src_of(r), nullptr = zeros.
 template <int D, int THREADS, typename T, typename SrcOf>
-__device__ __forceinline__ void gather_rows(uint32_t dst, int tid, const T* any_valid_ptr, SrcOf src_of) {
+__device__ __forceinline__ void gather_rows(uint32_t dst, int tid, const T* any_valid_ptr, uint64_t l2_policy,
+                                            SrcOf src_of) {
   constexpr int kChunks = D / 8;
   constexpr int kRowsPerPass = THREADS / 8;
 #pragma unroll 1
@@ -206,7 +210,7 @@ __device__ __forceinline__ void gather_rows(uint32_t dst, int tid, const T* any_
 #pragma unroll
     for (int c = tid % 8; c < kChunks; c += 8) {
       cp_async_16(dst + (c / 8) * kSliceBytes + swizzled(r, c % 8), src != nullptr ? src + c * 8 : any_valid_ptr,
-                  src != nullptr ? 16 : 0);
+                  src != nullptr ? 16 : 0, l2_policy);
     }
   }
 }
@@ -237,6 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   const int g = p.num_heads_per_head_k;
   const int* md = p.metadata + part * kMetadataWidth;
   const int begin_batch = max(md[0], 0), end_batch = min(md[2], p.batch - 1);
+  const uint64_t l2_policy = kv_l2_policy(p.kv_evict_first);
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -276,10 +281,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 #pragma unroll
             for (int slice = 0; slice < S::kSlices; ++slice)
               tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk, block_coord,
-                          full_bar + 8 * stage);
+                          full_bar + 8 * stage, l2_policy);
           }
         } else {
-          gather_rows<D, 128>(dst, tid, static_cast<const T*>(p.k_cache), [&](int j) -> const T* {
+          gather_rows<D, 128>(dst, tid, static_cast<const T*>(p.k_cache), l2_policy, [&](int j) -> const T* {
             const int t = t0 + j;
             const T* src = nullptr;
             if (t < pc.t_end) {
@@ -309,12 +314,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       const Piece pc = piece_of(p, md, b);
       const int num_tiles = pc.num_tiles();
       if (num_tiles > 0) {
-        gather_rows<D, kConsumerThreads>(smem_u32(sQ), ctid, static_cast<const T*>(p.q), [&](int r) -> const T* {
-          const int row = row_base + r;
-          if (row >= p.rows_per_head_k) return nullptr;
-          return static_cast<const T*>(p.q) + b * p.q_stride_b + (row / g) * p.q_stride_s +
-                 (hk * g + row % g) * p.q_stride_h;
-        });
+        gather_rows<D, kConsumerThreads>(smem_u32(sQ), ctid, static_cast<const T*>(p.q), l2_policy,
+                                         [&](int r) -> const T* {
+                                           const int row = row_base + r;
+                                           if (row >= p.rows_per_head_k) return nullptr;
+                                           return static_cast<const T*>(p.q) + b * p.q_stride_b +
+                                                  (row / g) * p.q_stride_s + (hk * g + row % g) * p.q_stride_h;
+                                         });
         cp_async_wait_all();
         fence_proxy_async();
         consumer_sync();

@@ -46,14 +46,15 @@ CUtensorMap make_kv_map(const DecodeParams& p) {
 
 template <typename T, int D>
 void launch(const DecodeParams& p, cudaStream_t stream) {
+  const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
   Args args{};
   args.p = p;
+  args.p.kv_evict_first = p.kv_evict_first && m_blocks == 1;  // else the row tiles share KV through L2
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
   auto kernel = mla_decode_sm90_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::total));
-  const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
   kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, Smem<D>::total, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -94,6 +94,13 @@ KernelChoice kernel_choice() {
   TORCH_CHECK(false, "FLASHMLA_KERNEL must be auto, portable or sm90, got '", v, "'");
 }
 
+// KV loads marked L2 evict-first where no two blocks share them (l2_policy.cuh), unless
+// FLASHMLA_KV_EVICT_FIRST=0 (read per call, for measurements).
+bool kv_evict_first_allowed() {
+  const char* v = std::getenv("FLASHMLA_KV_EVICT_FIRST");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // Launches the Hopper kernel if this build has it, the device is sm_90 and the shapes fit.
 bool try_launch_sm90(const DecodeParams& p, bool is_bf16, const DeviceFacts& dev, cudaStream_t stream) {
 #ifdef FLASHMLA_WITH_SM90
@@ -166,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.vec16 = s.head_dim % 8 == 0 && aligned16(p.q) && aligned16(p.k_cache) && q.stride(0) % 8 == 0 &&
             q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
             k_cache.stride(2) % 8 == 0;
+  p.kv_evict_first = kv_evict_first_allowed();
   TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
               "flash_mla_with_kvcache: k_cache is too large");
 

@@ -1,0 +1,107 @@
+"""A/B of one FLASHMLA_* environment switch on a few benchmark rows (GPU machine).
+
+For each row and kernel, every value of the variable is timed the way bench_decode.py times the
+attention (CUDA-graph replay of flash_mla_with_kvcache, median), in ABAB... order over --rounds so
+drift hits every value alike; the per-kernel GPU times (decode, combine) come from torch.profiler
+on eager calls. Outputs are checked against the fp32 reference for every value.
+
+python scripts/env_ab.py --var FLASHMLA_KV_EVICT_FIRST --values 1,0 --kernels auto,portable --out out/ab
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import common as C
+
+# (h_q, s_q, s_k, varlen): the memory-bound rows where the split pieces' partial results matter most
+DEFAULT_ROWS = "16,1,4096,1;64,1,4096,0;64,1,4096,1;32,2,4096,1;64,1,8192,1;128,1,4096,1"
+
+
+def kernel_times(step, calls=20):
+    """Mean GPU time (us) per call of each kernel that step() launches, by kernel-name family."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        name = e.key
+        family = "decode" if "decode" in name else "combine" if "combine" in name else None
+        if family:
+            times[family] = times.get(family, 0.0) + e.self_device_time_total / calls
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--var", required=True)
+    ap.add_argument("--values", required=True, help="comma-separated; the first is the baseline")
+    ap.add_argument("--kernels", default="auto,portable")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help="h_q,s_q,s_k,varlen;...")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--out", default="out/ab")
+    args = ap.parse_args()
+    import flashmla_ops
+
+    values = args.values.split(",")
+    rows = [tuple(int(x) for x in r.split(",")) for r in args.rows.split(";")]
+    results = []
+    for h_q, s_q, s_k, varlen in rows:
+        seqlens = C.make_seqlens(128, s_k, s_q, bool(varlen))
+        inp = C.build_inputs(128, s_q, h_q, seqlens)
+        n_bytes = C.bytes_moved(128, s_q, h_q, seqlens)
+        step = C.decode_step(inp, include_metadata=False)
+        for kernel in args.kernels.split(","):
+            os.environ["FLASHMLA_KERNEL"] = kernel
+            us = {v: [] for v in values}
+            parts, ok = {}, {}
+            for _ in range(args.rounds):
+                for v in values:
+                    os.environ[args.var] = v
+                    t, _, (out, lse), graph = C.time_cuda_graph(step, args.iters)
+                    us[v].append(t)
+                    ok[v] = C.spot_check(inp, out, lse)["ok"]
+                    del graph
+            for v in values:
+                os.environ[args.var] = v
+                parts[v] = kernel_times(step)
+            for v in values:
+                rec = dict(kernel=kernel, h_q=h_q, s_q=s_q, s_k=s_k, varlen=bool(varlen), var=args.var, value=v,
+                           us=statistics.median(us[v]), rounds=us[v], gbs=n_bytes / statistics.median(us[v]) / 1e3,
+                           kernels_us=parts[v], ok=ok[v])  # fmt: skip
+                results.append(rec)
+                print(rec, flush=True)
+        del inp
+        torch.cuda.empty_cache()
+    os.environ.pop(args.var, None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ab.json").write_text(json.dumps(results, indent=1))
+    base = {
+        (r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"]): r["us"]
+        for r in results
+        if r["value"] == values[0]
+    }
+    print(
+        f"\n| kernel | h_q | s_q | s_k | varlen | {args.var} | us | vs {values[0]} | GB/s | decode us | combine us | ok |"
+    )
+    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        b = base[(r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"])]
+        k = r["kernels_us"]
+        print(f"| {r['kernel']} | {r['h_q']} | {r['s_q']} | {r['s_k']} | {r['varlen']} | {r['value']} | {r['us']:.1f} | "
+              f"{b / r['us']:.3f}x | {r['gbs']:.0f} | {k.get('decode', 0):.1f} | {k.get('combine', 0):.1f} | {r['ok']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
