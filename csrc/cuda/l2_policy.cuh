@@ -3,7 +3,7 @@
 // DecodeParams::kv_evict_first, decided by the launchers), the decode marks its KV and q loads
 // evict-first. The KV stream (hundreds of MB, each byte used once) then gives way in L2 to the fp32
 // partial results the blocks write, which the combine kernel reads right after the decode.
-// FLASHMLA_KV_EVICT_FIRST=0 turns it off (for measurements; mla_cuda.cu).
+// Which calls ask for it: kv_evict_first() in mla_cuda.cu.
 #pragma once
 #include <cstdint>
 

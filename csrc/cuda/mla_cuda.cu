@@ -94,11 +94,18 @@ KernelChoice kernel_choice() {
   TORCH_CHECK(false, "FLASHMLA_KERNEL must be auto, portable or sm90, got '", v, "'");
 }
 
-// KV loads marked L2 evict-first where no two blocks share them (l2_policy.cuh), unless
-// FLASHMLA_KV_EVICT_FIRST=0 (read per call, for measurements).
-bool kv_evict_first_allowed() {
+// Whether KV loads may be marked L2 evict-first (l2_policy.cuh; the launchers also require that no
+// two blocks read the same KV). Measured on the H100 (scripts/env_ab.py, docs/KERNEL_NOTES.md): 3.5%
+// faster at 16 query rows per KV head with variable lengths, 1-2% slower on the Hopper kernel at 64
+// rows, so by default up to kEvictFirstMaxRows rows. FLASHMLA_KV_EVICT_FIRST=1 / 0 forces it on / off
+// (read per call, for measurements).
+constexpr int kEvictFirstMaxRows = 32;
+bool kv_evict_first(int64_t rows_per_head_k) {
   const char* v = std::getenv("FLASHMLA_KV_EVICT_FIRST");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v == nullptr || v[0] == 0) return rows_per_head_k <= kEvictFirstMaxRows;
+  TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "FLASHMLA_KV_EVICT_FIRST must be 0 or 1, got '", v,
+              "'");
+  return v[0] == '1';
 }
 
 // Launches the Hopper kernel if this build has it, the device is sm_90 and the shapes fit.
@@ -173,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.vec16 = s.head_dim % 8 == 0 && aligned16(p.q) && aligned16(p.k_cache) && q.stride(0) % 8 == 0 &&
             q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
             k_cache.stride(2) % 8 == 0;
-  p.kv_evict_first = kv_evict_first_allowed();
+  p.kv_evict_first = kv_evict_first(s.rows_per_head_k);
   TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
               "flash_mla_with_kvcache: k_cache is too large");
 
