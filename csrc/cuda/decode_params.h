@@ -15,8 +15,6 @@ struct DecodeParams {
   float* lse;              // (batch, num_heads_q, seqlen_q), contiguous
   float* partial_out;      // (partial_rows, num_heads_k, rows_per_head_k, head_dim_v)
   float* partial_lse;      // (partial_rows, num_heads_k, rows_per_head_k)
-  int* merge_counters;     // zeroed, one per (sequence, decode block row): the decode merges split
-                           // sequences itself (merge.cuh arrive_and_merge); nullptr: the combine kernel does
 
   int batch, seqlen_q, num_heads_q, num_heads_k, head_dim, head_dim_v;
   int head_dim_padded;  // head_dim rounded up to 32: channels held in shared memory

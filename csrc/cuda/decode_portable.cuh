@@ -66,7 +66,6 @@
 #include "decode_params.h"
 #include "dtype.cuh"
 #include "l2_policy.cuh"
-#include "merge.cuh"
 #include "pdl.cuh"
 
 namespace flashmla {
@@ -535,9 +534,6 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         }
       }
     }
-    if (!whole && p.merge_counters != nullptr)
-      arrive_and_merge<T>(p, b, hk, row_base, M, threadIdx.x, THREADS,
-                          [](bool pred) { return __syncthreads_or(pred) != 0; });
     __syncthreads();  // sQ, the stages, sValid and sStats are reused by the next sequence
   }
 }

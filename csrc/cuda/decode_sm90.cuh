@@ -27,7 +27,6 @@
 #include "decode_params.h"
 #include "dtype.cuh"
 #include "l2_policy.cuh"
-#include "merge.cuh"
 #include "pdl.cuh"
 
 namespace flashmla {
@@ -84,15 +83,6 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // Barrier 1: the 256 consumer threads only (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-}
-// Barrier 1 as well, returning whether pred holds for any consumer thread.
-__device__ __forceinline__ bool consumer_sync_or(bool pred) {
-  int any;
-  asm volatile("{\n.reg .pred p, q;\nsetp.ne.s32 p, %1, 0;\nbar.red.or.pred q, 1, %2, p;\nselp.s32 %0, 1, 0, q;\n}\n"
-               : "=r"(any)
-               : "r"(int(pred)), "n"(kConsumerThreads)
-               : "memory");
-  return any != 0;
 }
 
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes, uint64_t l2_policy) {
@@ -489,8 +479,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           if (cw == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
         }
       }
-      if (!pc.whole && p.merge_counters != nullptr)
-        arrive_and_merge<T>(p, b, hk, row_base, kRows, ctid, kConsumerThreads, consumer_sync_or);
       consumer_sync();  // sQ and sStats are reused by the next sequence
     }
   }

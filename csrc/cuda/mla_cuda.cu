@@ -95,24 +95,17 @@ KernelChoice kernel_choice() {
 }
 
 // Whether KV loads may be marked L2 evict-first (l2_policy.cuh; the launchers also require that no
-// two blocks read the same KV). Measured on the H100 (scripts/env_ab.py, docs/KERNEL_NOTES.md): with
-// variable lengths 1-3.5% faster at 16 query rows per KV head, within +-1.5% at 32 rows, 1-2% slower
-// on the Hopper kernel at 64 rows; so by default up to 16 rows. FLASHMLA_KV_EVICT_FIRST=1 / 0 forces
-// it on / off (read per call, for measurements).
-constexpr int kEvictFirstMaxRows = 16;
+// two blocks read the same KV). Measured on the H100 (scripts/env_ab.py, docs/KERNEL_NOTES.md): 3.5%
+// faster at 16 query rows per KV head with variable lengths, 1-2% slower on the Hopper kernel at 64
+// rows, so by default up to kEvictFirstMaxRows rows. FLASHMLA_KV_EVICT_FIRST=1 / 0 forces it on / off
+// (read per call, for measurements).
+constexpr int kEvictFirstMaxRows = 32;
 bool kv_evict_first(int64_t rows_per_head_k) {
   const char* v = std::getenv("FLASHMLA_KV_EVICT_FIRST");
   if (v == nullptr || v[0] == 0) return rows_per_head_k <= kEvictFirstMaxRows;
   TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "FLASHMLA_KV_EVICT_FIRST must be 0 or 1, got '", v,
               "'");
   return v[0] == '1';
-}
-
-// Whether the decode kernels merge split sequences themselves (merge.cuh arrive_and_merge) instead
-// of the combine kernel; FLASHMLA_FUSED_MERGE=0 selects the combine kernel (read per call).
-bool fused_merge_enabled() {
-  const char* v = std::getenv("FLASHMLA_FUSED_MERGE");
-  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 // Launches the Hopper kernel if this build has it, the device is sm_90 and the shapes fit.
@@ -149,12 +142,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   auto partial_out =
       at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k, s.head_dim_v}, q.options().dtype(at::kFloat));
   auto partial_lse = at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k}, q.options().dtype(at::kFloat));
-  // One merge counter per (sequence, decode block row); block rows hold >= 16 query rows.
-  const bool fused_merge = fused_merge_enabled();
-  at::Tensor merge_counters;
-  if (fused_merge)
-    merge_counters =
-        at::zeros({s.batch * s.num_heads_k * ((s.rows_per_head_k + 15) / 16)}, q.options().dtype(at::kInt));
 
   DecodeParams p{};
   p.q = q.data_ptr();
@@ -167,7 +154,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.lse = lse.data_ptr<float>();
   p.partial_out = partial_out.data_ptr<float>();
   p.partial_lse = partial_lse.data_ptr<float>();
-  p.merge_counters = fused_merge ? merge_counters.data_ptr<int>() : nullptr;
   p.batch = s.batch;
   p.seqlen_q = s.seqlen_q;
   p.num_heads_q = s.num_heads_q;
@@ -213,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
     else
       launch_portable_decode_fp16(p, dev.smem_optin, stream);
   }
-  if (!fused_merge) launch_combine(p, is_bf16, /*programmatic=*/dev.cc_major >= 9, stream);
+  launch_combine(p, is_bf16, /*programmatic=*/dev.cc_major >= 9, stream);
   return {out, lse};
 }
 
