@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import (
     LOW_PRECISION,
+    assert_bitwise_equal,
     assert_kernels_agree,
     check_against_reference,
     dtype_name,
@@ -138,3 +139,29 @@ def test_portable_config_errors(monkeypatch):
     for bad in ["4,2", "3,1,64,2", "1,1,64,2,6", "1,1,64,2,8,1", "1,1,64,2,8x", "2,1,64,2,4"]:
         with pytest.raises(RuntimeError, match="FLASHMLA_PORTABLE_CONFIG"):
             run_with(monkeypatch, inp, FLASHMLA_KERNEL="portable", FLASHMLA_PORTABLE_CONFIG=bad)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+@pytest.mark.parametrize("num_heads_q", [16, 64])
+def test_kv_evict_first_switch(monkeypatch, kernel, num_heads_q):
+    """The L2 eviction hint on KV loads (FLASHMLA_KV_EVICT_FIRST, on by default up to 16 rows) changes
+    no bit of the results: forced on and off give the same output and LSE, which match the reference.
+    Any value but 0 and 1 raises."""
+    inp = make_decode_inputs(
+        batch=6,
+        seq_len_q=1,
+        num_heads_q=num_heads_q,
+        dtype=torch.bfloat16,
+        device="cuda",
+        max_seqlen=3000,
+        seed=seed_for("evict-first", kernel, num_heads_q),
+    )
+    on = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_KV_EVICT_FIRST="1")
+    off = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_KV_EVICT_FIRST="0")
+    default = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_KV_EVICT_FIRST="")
+    check_against_reference(inp, *on)
+    for got in (off, default):
+        assert_bitwise_equal(got[0], on[0])
+        assert_bitwise_equal(got[1], on[1])
+    with pytest.raises(RuntimeError, match="FLASHMLA_KV_EVICT_FIRST must be 0 or 1"):
+        run_with(monkeypatch, inp, FLASHMLA_KV_EVICT_FIRST="yes")

@@ -95,11 +95,11 @@ KernelChoice kernel_choice() {
 }
 
 // Whether KV loads may be marked L2 evict-first (l2_policy.cuh; the launchers also require that no
-// two blocks read the same KV). Measured on the H100 (scripts/env_ab.py, docs/KERNEL_NOTES.md): 3.5%
-// faster at 16 query rows per KV head with variable lengths, 1-2% slower on the Hopper kernel at 64
-// rows, so by default up to kEvictFirstMaxRows rows. FLASHMLA_KV_EVICT_FIRST=1 / 0 forces it on / off
-// (read per call, for measurements).
-constexpr int kEvictFirstMaxRows = 32;
+// two blocks read the same KV). Measured on the H100 (scripts/env_ab.py, docs/KERNEL_NOTES.md): with
+// variable lengths 1-3.5% faster at 16 query rows per KV head, within +-1.5% at 32 rows, 1-2% slower
+// on the Hopper kernel at 64 rows; so by default up to 16 rows. FLASHMLA_KV_EVICT_FIRST=1 / 0 forces
+// it on / off (read per call, for measurements).
+constexpr int kEvictFirstMaxRows = 16;
 bool kv_evict_first(int64_t rows_per_head_k) {
   const char* v = std::getenv("FLASHMLA_KV_EVICT_FIRST");
   if (v == nullptr || v[0] == 0) return rows_per_head_k <= kEvictFirstMaxRows;
