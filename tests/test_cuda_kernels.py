@@ -165,3 +165,46 @@ def test_kv_evict_first_switch(monkeypatch, kernel, num_heads_q):
         assert_bitwise_equal(got[1], on[1])
     with pytest.raises(RuntimeError, match="FLASHMLA_KV_EVICT_FIRST must be 0 or 1"):
         run_with(monkeypatch, inp, FLASHMLA_KV_EVICT_FIRST="yes")
+
+
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+@pytest.mark.parametrize("num_heads_q,seq_len_q", [(16, 1), (64, 1), (32, 2), (128, 1)])
+def test_in_decode_merge(monkeypatch, kernel, num_heads_q, seq_len_q):
+    """Cut sequences merged by the decode kernel (FLASHMLA_MERGE_PIECES, default 4: sequences of at most
+    that many pieces) and by the combine kernel (0) both match the reference, on a batch whose
+    schedule cuts sequences into 2, 3-4 and more pieces (so both paths run in one call); each setting
+    is bitwise deterministic, and the two differ somewhere (the merge ran in the decode). A bad value
+    raises."""
+    gen = torch.Generator().manual_seed(seed_for("in-decode-merge", kernel, num_heads_q, seq_len_q))
+    lengths = torch.randint(1, 700, (150,), generator=gen).tolist()
+    lengths[3] = lengths[77] = 0
+    lengths[10], lengths[60], lengths[140] = 9000, 2500, 4100  # long ones: cut into many pieces
+    inp = make_decode_inputs(
+        batch=len(lengths),
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        dtype=torch.bfloat16,
+        device="cuda",
+        max_seqlen=max(lengths),
+        lengths=lengths,
+        causal=seq_len_q > 1,
+        seed=seed_for("in-decode-merge-inputs", kernel, num_heads_q, seq_len_q),
+    )
+    _, splits = inp.metadata()
+    pieces = (splits[1:] - splits[:-1]).tolist()
+    assert any(n == 2 for n in pieces) and any(3 <= n <= 4 for n in pieces) and any(n > 4 for n in pieces)
+    merged = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_MERGE_PIECES="")
+    again = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_MERGE_PIECES="4")
+    combined = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_MERGE_PIECES="0")
+    all_in_decode = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_MERGE_PIECES="8")
+    ref = inp.reference()
+    ref_low = inp.reference(compute_dtype=None)
+    for got in (merged, combined, all_in_decode):
+        check_against_reference(inp, *got, ref=ref, ref_low=ref_low)
+    assert_kernels_agree(inp, merged, combined, ref, ref_low)
+    assert_bitwise_equal(again[0], merged[0])
+    assert_bitwise_equal(again[1], merged[1])
+    assert not torch.equal(merged[0], combined[0])
+    for bad in ("9", "-1", "two", "4x"):
+        with pytest.raises(RuntimeError, match="FLASHMLA_MERGE_PIECES must be an integer in 0..8"):
+            run_with(monkeypatch, inp, FLASHMLA_MERGE_PIECES=bad)
