@@ -2,8 +2,7 @@
 //   lse = log sum_k exp(lse_k),  out = sum_k exp(lse_k - lse) out_k.
 // Rows where every piece saw nothing (all lse_k = -inf) get out = 0, lse = +inf.
 // One warp per (sequence, KV head, query row); sequences of one piece were written by the decode
-// kernel directly and are skipped, and so are those the decode kernel merged (split_merge.cuh). Each piece's weight
-// exp(lse_k - lse) is computed once.
+// kernel directly and are skipped. Each piece's weight exp(lse_k - lse) is computed once.
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -11,7 +10,6 @@
 #include "combine.h"
 #include "dtype.cuh"
 #include "pdl.cuh"
-#include "split_merge.cuh"
 
 namespace flashmla {
 namespace {
@@ -32,9 +30,6 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
   // after it on the stream is ordered after the decode too.
   pdl_wait_primary();
   if (count <= 1) return;
-  if (p.merge_tile_rows > 0 &&
-      p.split_ready[split_counter_index(p, b, hk, row / p.merge_tile_rows, p.merge_tile_rows)] == kMergedInDecode)
-    return;  // the decode kernel merged this row's tile (split_merge.cuh)
   auto lse_of = [&](int k) {
     return p.partial_lse[(int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row];
   };

@@ -15,14 +15,6 @@ struct DecodeParams {
   float* lse;              // (batch, num_heads_q, seqlen_q), contiguous
   float* partial_out;      // (partial_rows, num_heads_k, rows_per_head_k, head_dim_v)
   float* partial_lse;      // (partial_rows, num_heads_k, rows_per_head_k)
-  // In-decode merge (split_merge.cuh): per (sequence, KV head, decode row tile) the number of later
-  // pieces written, then kMergedInDecode; (batch, num_heads_k, ceil(rows_per_head_k / 16)) int32,
-  // zero at launch. nullptr: the combine kernel merges every cut sequence. The launchers clear it
-  // when they cannot merge in the decode, and record the row tile in merge_tile_rows.
-  int* split_ready;
-  int merge_tile_rows;   // rows per decode block when split_ready is used (the combine's counter index)
-  int merge_max_pieces;  // sequences cut into at most this many pieces merge in the decode (<= kMaxMergePieces)
-  int sm_count;          // host side: the device's SMs (the launchers' co-residency check)
 
   int batch, seqlen_q, num_heads_q, num_heads_k, head_dim, head_dim_v;
   int head_dim_padded;  // head_dim rounded up to 32: channels held in shared memory

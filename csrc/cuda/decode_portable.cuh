@@ -67,7 +67,6 @@
 #include "dtype.cuh"
 #include "l2_policy.cuh"
 #include "pdl.cuh"
-#include "split_merge.cuh"
 
 namespace flashmla {
 namespace portable {
@@ -502,11 +501,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         sStats[wn * M + warp_row0 + mw * 16 + lane / 4 + 8] = row_sum[mw][1];
       }
     }
-    // In-decode merge (split_merge.cuh): split 0 may merge the later pieces, which publish themselves.
-    const PieceMerge pm = piece_merge(p, blockIdx.x, b, hk, blockIdx.y % m_blocks, M);  // blockIdx.x = part
-    if (pm.merge_here && threadIdx.x == 0) wait_for_pieces(pm.counter, pm.count - 1);
-    float merge_max[MW][2], merge_inv[MW][2];  // the merge weights of this thread's rows (merge_here)
-    __syncthreads();  // also: the later pieces' stores are visible to every thread (merge_here)
+    __syncthreads();
 #pragma unroll
     for (int mw = 0; mw < MW; ++mw) {
 #pragma unroll
@@ -522,17 +517,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         const float lse = empty ? (whole ? INFINITY : -INFINITY) : (row_max[mw][h] + log2f(total)) * kLn2;
         const int qi = row / g, head = hk * g + row % g;
         const int col0 = col_base + wn * kColsPerWarp + (lane % 4) * 2;
-        if (pm.merge_here) {  // this piece, weighted, stays in o; the later pieces are added below
-          const RowMerge m = merge_row_weights(p, pm, row, lse);
-#pragma unroll
-          for (int i = 0; i < kOT; ++i) {
-            o[mw][i][2 * h] *= inv * m.own_weight;
-            o[mw][i][2 * h + 1] *= inv * m.own_weight;
-          }
-          merge_max[mw][h] = m.max_lse;
-          merge_inv[mw][h] = m.inv_sum;
-          if (wn == 0 && lane % 4 == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = m.lse;
-        } else if (whole) {
+        if (whole) {
           T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * p.head_dim_v;
 #pragma unroll
           for (int i = 0; i < kOT; ++i)
@@ -549,67 +534,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         }
       }
     }
-    if (pm.merge_here) {
-      // Pieces 1 .. count-1, one at a time: cp.async into shared memory (no registers: o is live), then
-      // o += weight * piece. sPiece (M rows x head_dim_v + 8 floats; the pad makes the float2 reads
-      // conflict free) lies over sQ and the stages, free here: every warp is past its last tile and no
-      // copy is in flight. The launcher checked that it fits and that head_dim_v % 4 == 0.
-      float* sPiece = reinterpret_cast<float*>(smem);
-      const int stride = p.head_dim_v + 8, vecs = p.head_dim_v / 4;
-      const uint64_t normal_policy = kv_l2_policy(false);
-#pragma unroll 1
-      for (int k = 1; k < pm.count; ++k) {
-        for (int idx = threadIdx.x; idx < M * vecs; idx += THREADS) {
-          const int r = idx / vecs, c = (idx % vecs) * 4;
-          const int row = min(row_base + r, p.rows_per_head_k - 1);  // rows past the end: copied, never read
-          cp_async_16(sPiece + r * stride + c, p.partial_out + pm.partial_row(p, k, row) * p.head_dim_v + c, 16,
-                      normal_policy);
-        }
-        cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
-#pragma unroll
-        for (int mw = 0; mw < MW; ++mw) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = warp_row0 + mw * 16 + lane / 4 + 8 * h;
-            const int row = row_base + r;
-            if (row >= p.rows_per_head_k) continue;
-            const float w = expf(piece_lse(p, pm, k, row) - merge_max[mw][h]) * merge_inv[mw][h];
-            const int col0 = wn * kColsPerWarp + (lane % 4) * 2;
-#pragma unroll
-            for (int i = 0; i < kOT; ++i) {
-              if (col0 + i * 8 < p.head_dim_v) {  // head_dim_v is even: the pair is inside too
-                const float2 v = *reinterpret_cast<const float2*>(sPiece + r * stride + col0 + i * 8);
-                o[mw][i][2 * h] += w * v.x;
-                o[mw][i][2 * h + 1] += w * v.y;
-              }
-            }
-          }
-        }
-        __syncthreads();  // sPiece is refilled by the next piece
-      }
-#pragma unroll
-      for (int mw = 0; mw < MW; ++mw) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row_base + warp_row0 + mw * 16 + lane / 4 + 8 * h;
-          if (row >= p.rows_per_head_k) continue;
-          const int qi = row / g, head = hk * g + row % g;
-          T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * p.head_dim_v;
-          const int col0 = wn * kColsPerWarp + (lane % 4) * 2;
-#pragma unroll
-          for (int i = 0; i < kOT; ++i)
-            store_two(dst, col0 + i * 8, p.head_dim_v, o[mw][i][2 * h], o[mw][i][2 * h + 1]);
-        }
-      }
-    }
-    if (pm.publish) __threadfence();  // this thread's partial stores, before the count goes up
-    __syncthreads();                  // sQ, the stages, sValid and sStats are reused by the next sequence
-    if (threadIdx.x == 0) {
-      if (pm.publish) publish_piece(pm.counter);
-      if (pm.merge_here) *pm.counter = kMergedInDecode;  // the combine skips the sequence
-    }
+    __syncthreads();  // sQ, the stages, sValid and sStats are reused by the next sequence
   }
 }
 

@@ -2,7 +2,7 @@
 #include "decode_launchers.h"
 
 namespace flashmla {
-void launch_portable_decode_bf16(DecodeParams& p, int smem_limit, cudaStream_t stream) {
+void launch_portable_decode_bf16(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
   portable::launch_decode<__nv_bfloat16>(p, smem_limit, stream);
 }
 }  // namespace flashmla

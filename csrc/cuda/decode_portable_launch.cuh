@@ -15,7 +15,6 @@
 // The order within a list is measured (docs/KERNEL_NOTES.md). FLASHMLA_PORTABLE_CONFIG="MG,MW,N,STAGES,WN"
 // (WN may be left out: 4; read per call; for tuning and tests) launches exactly that configuration
 // of the lists, for any rows, or raises if it is not in the lists or does not fit.
-// The launch leaves in p whether the kernel merges cut sequences itself (split_merge.cuh).
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/util/Exception.h>
@@ -46,7 +45,7 @@ inline ConfigChoice config_choice() {
 }
 
 template <typename T, int MG, int MW, int N, int STAGES, int WN>
-bool try_launch(DecodeParams& p, int smem_limit, const ConfigChoice& choice, cudaStream_t stream) {
+bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choice, cudaStream_t stream) {
   if (choice.forced &&
       (choice.mg != MG || choice.mw != MW || choice.n != N || choice.stages != STAGES || choice.wn != WN))
     return false;
@@ -57,24 +56,16 @@ bool try_launch(DecodeParams& p, int smem_limit, const ConfigChoice& choice, cud
   constexpr int M = 16 * MG;
   const int m_blocks = (p.rows_per_head_k + M - 1) / M;
   const dim3 grid(p.num_sm_parts, p.num_heads_k * m_blocks, (p.head_dim_v + kColsPerBlock - 1) / kColsPerBlock);
-  constexpr int kThreads = (MG / MW) * WN * 32;
-  // The in-decode merge stages a later piece (M rows of head_dim_v + 8 floats, 16-byte copies) over
-  // sQ and the stages, and needs every channel in one block.
-  using L = SmemLayout<T, MG, N, STAGES, WN>;
-  const bool merge_fits = grid.z == 1 && p.head_dim_v % 4 == 0 &&
-                          size_t(M) * (p.head_dim_v + 8) * sizeof(float) <=
-                              L::q_bytes(p.head_dim_padded) + STAGES * L::k_stage_bytes(p.head_dim_padded);
-  const bool merge =
-      enable_in_decode_merge(p, kernel, kThreads, smem, int64_t(grid.x) * grid.y * grid.z, merge_fits, M);
   DecodeParams kp = p;
   kp.kv_evict_first = p.kv_evict_first && m_blocks == 1 && grid.z == 1;  // else blocks share KV through L2
-  launch_decode_grid(kernel, grid, kThreads, smem, merge, stream, kp);
+  kernel<<<grid, (MG / MW) * WN * 32, smem, stream>>>(kp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
 // Tries MG's list, then the smaller MGs'. Returns false when nothing was launched.
 template <typename T, int MG>
-bool launch_rows(DecodeParams& p, int smem_limit, const ConfigChoice& c, cudaStream_t stream) {
+bool launch_rows(const DecodeParams& p, int smem_limit, const ConfigChoice& c, cudaStream_t stream) {
   if constexpr (MG == 4) {
     if (try_launch<T, 4, 2, 64, 2, 4>(p, smem_limit, c, stream)) return true;
     if (try_launch<T, 4, 2, 32, 2, 4>(p, smem_limit, c, stream)) return true;
@@ -95,7 +86,7 @@ bool launch_rows(DecodeParams& p, int smem_limit, const ConfigChoice& c, cudaStr
 }
 
 template <typename T>
-void launch_decode(DecodeParams& p, int smem_limit, cudaStream_t stream) {
+void launch_decode(const DecodeParams& p, int smem_limit, cudaStream_t stream) {
   const ConfigChoice choice = config_choice();
   bool launched;
   if (choice.forced)

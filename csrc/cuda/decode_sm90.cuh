@@ -28,7 +28,6 @@
 #include "dtype.cuh"
 #include "l2_policy.cuh"
 #include "pdl.cuh"
-#include "split_merge.cuh"
 
 namespace flashmla {
 namespace sm90 {
@@ -451,10 +450,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         sStats[cw * kRows + row_lo] = row_sum[0];
         sStats[cw * kRows + row_lo + 8] = row_sum[1];
       }
-      // In-decode merge (split_merge.cuh): split 0 may merge the later pieces, which publish themselves.
-      const PieceMerge pm = piece_merge(p, part, b, hk, blockIdx.y % m_blocks, kRows);
-      if (pm.merge_here && ctid == 0) wait_for_pieces(pm.counter, pm.count - 1);
-      consumer_sync();  // also: the later pieces' stores are visible to every consumer (merge_here)
+      consumer_sync();
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = row_lo + 8 * h;
@@ -467,30 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         const int qi = row / g, head = hk * g + row % g;
         // o[4 j + 2 h + {0,1}] holds channels 256 cw + 8 j + 2 (lane % 4) + {0,1}.
         const int col0 = cw * 256 + (lane % 4) * 2;
-        if (pm.merge_here) {  // this piece (in registers) + pieces 1 .. count-1 -> out, lse
-          const RowMerge m = merge_row_weights(p, pm, row, lse);
-#pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            o[4 * j + 2 * h] *= inv * m.own_weight;
-            o[4 * j + 2 * h + 1] *= inv * m.own_weight;
-          }
-#pragma unroll 1
-          for (int k = 1; k < pm.count; ++k) {
-            const float w = m.weight(piece_lse(p, pm, k, row));
-            const float* src = p.partial_out + pm.partial_row(p, k, row) * kDimV + col0;
-#pragma unroll
-            for (int j = 0; j < 32; ++j) {
-              const float2 v = __ldcg(reinterpret_cast<const float2*>(src + 8 * j));
-              o[4 * j + 2 * h] += w * v.x;
-              o[4 * j + 2 * h + 1] += w * v.y;
-            }
-          }
-          T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * kDimV + col0;
-#pragma unroll
-          for (int j = 0; j < 32; ++j)
-            *reinterpret_cast<typename DT::pair*>(dst + 8 * j) = DT::make_pair(o[4 * j + 2 * h], o[4 * j + 2 * h + 1]);
-          if (cw == 0 && lane % 4 == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = m.lse;
-        } else if (pc.whole) {
+        if (pc.whole) {
           T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * kDimV + col0;
 #pragma unroll
           for (int j = 0; j < 32; ++j)
@@ -506,12 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           if (cw == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
         }
       }
-      if (pm.publish) __threadfence();  // this thread's partial stores, before the count goes up
-      consumer_sync();                  // sQ and sStats are reused by the next sequence
-      if (ctid == 0) {
-        if (pm.publish) publish_piece(pm.counter);
-        if (pm.merge_here) *pm.counter = kMergedInDecode;  // the combine skips the sequence
-      }
+      consumer_sync();  // sQ and sStats are reused by the next sequence
     }
   }
 #endif

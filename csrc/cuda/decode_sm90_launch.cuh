@@ -1,5 +1,4 @@
 // Launches the Hopper kernel when the call fits it; returns false (launching nothing) otherwise.
-// The launch leaves in p whether the kernel merges cut sequences itself (split_merge.cuh).
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/util/Exception.h>
@@ -46,24 +45,22 @@ CUtensorMap make_kv_map(const DecodeParams& p) {
 }
 
 template <typename T, int D>
-void launch(DecodeParams& p, cudaStream_t stream) {
+void launch(const DecodeParams& p, cudaStream_t stream) {
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
-  auto kernel = mla_decode_sm90_kernel<T, D>;
-  const dim3 grid(p.num_sm_parts, p.num_heads_k * m_blocks);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::total));
-  const bool merge =
-      enable_in_decode_merge(p, kernel, kThreads, Smem<D>::total, int64_t(grid.x) * grid.y, /*kernel_can=*/true, kRows);
   Args args{};
   args.p = p;
   args.p.kv_evict_first = p.kv_evict_first && m_blocks == 1;  // else the row tiles share KV through L2
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  launch_decode_grid(kernel, grid, kThreads, Smem<D>::total, merge, stream, args);
+  auto kernel = mla_decode_sm90_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::total));
+  kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, Smem<D>::total, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-bool launch_decode(DecodeParams& p, cudaStream_t stream) {
+bool launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.head_dim_v != kDimV || !p.vec16) return false;
   if (p.head_dim == 576)
     launch<T, 576>(p, stream);

@@ -13,7 +13,6 @@
 #include "../schedule.h"
 #include "combine.h"
 #include "decode_launchers.h"
-#include "split_merge.cuh"
 
 namespace flashmla {
 namespace {
@@ -109,22 +108,8 @@ bool kv_evict_first(int64_t rows_per_head_k) {
   return v[0] == '1';
 }
 
-// Sequences cut into at most this many pieces are merged by the decode kernel (split_merge.cuh),
-// longer ones by the combine kernel. FLASHMLA_MERGE_PIECES=0 (or 1) leaves every merge to the
-// combine kernel; 2 .. kMaxMergePieces sets the limit (read per call, for measurements).
-constexpr int kDefaultMergePieces = 4;
-int merge_max_pieces() {
-  const char* v = std::getenv("FLASHMLA_MERGE_PIECES");
-  if (v == nullptr || v[0] == 0) return kDefaultMergePieces;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  TORCH_CHECK(*end == 0 && n >= 0 && n <= kMaxMergePieces, "FLASHMLA_MERGE_PIECES must be an integer in 0..",
-              kMaxMergePieces, ", got '", v, "'");
-  return int(n);
-}
-
 // Launches the Hopper kernel if this build has it, the device is sm_90 and the shapes fit.
-bool try_launch_sm90(DecodeParams& p, bool is_bf16, const DeviceFacts& dev, cudaStream_t stream) {
+bool try_launch_sm90(const DecodeParams& p, bool is_bf16, const DeviceFacts& dev, cudaStream_t stream) {
 #ifdef FLASHMLA_WITH_SM90
   if (dev.cc_major != 9 || dev.cc_minor != 0) return false;
   return is_bf16 ? launch_sm90_decode_bf16(p, stream) : launch_sm90_decode_fp16(p, stream);
@@ -157,11 +142,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   auto partial_out =
       at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k, s.head_dim_v}, q.options().dtype(at::kFloat));
   auto partial_lse = at::empty({partial_rows, s.num_heads_k, s.rows_per_head_k}, q.options().dtype(at::kFloat));
-  // In-decode merge counters (split_merge.cuh), one per (sequence, KV head, row tile of >= 16 rows).
-  const int merge_pieces = merge_max_pieces();
-  at::Tensor split_ready;
-  if (merge_pieces >= 2)
-    split_ready = at::zeros({s.batch * s.num_heads_k * ((s.rows_per_head_k + 15) / 16)}, q.options().dtype(at::kInt));
 
   DecodeParams p{};
   p.q = q.data_ptr();
@@ -174,8 +154,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.lse = lse.data_ptr<float>();
   p.partial_out = partial_out.data_ptr<float>();
   p.partial_lse = partial_lse.data_ptr<float>();
-  p.split_ready = merge_pieces >= 2 ? split_ready.data_ptr<int>() : nullptr;
-  p.merge_max_pieces = merge_pieces;
   p.batch = s.batch;
   p.seqlen_q = s.seqlen_q;
   p.num_heads_q = s.num_heads_q;
@@ -209,7 +187,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   const bool is_bf16 = q.scalar_type() == at::kBFloat16;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const DeviceFacts& dev = device_facts(q.get_device());
-  p.sm_count = dev.sm_count;
   const KernelChoice choice = kernel_choice();
   bool launched = false;
   if (choice != KernelChoice::kPortable) launched = try_launch_sm90(p, is_bf16, dev, stream);
