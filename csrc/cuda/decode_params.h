@@ -24,7 +24,8 @@ struct DecodeParams {
   int64_t q_stride_b, q_stride_s, q_stride_h;
   int64_t k_stride_block, k_stride_token, k_stride_head;
   int64_t block_table_stride;
-  float scale_log2;  // softmax_scale * log2(e): scores are kept in the log2 domain
+  float scale_log2;         // softmax_scale * log2(e): scores are kept in the log2 domain
+  float rescale_threshold;  // Hopper kernel's lazy softmax rescale (decode_sm90.cuh max_grew), log2 units, >= 0
   bool causal;
   bool vec16;           // q and k rows are 16-byte aligned with head_dim % 8 == 0
   bool kv_evict_first;  // KV loads may be marked L2 evict-first (l2_policy.cuh); the launchers clear it

@@ -13,7 +13,8 @@
 //     row max over both halves through shared memory; P = 2^(S*scale*log2e - m) -> sP
 //     cw:  O[:, 256 cw : +256] += P V[:, 256 cw : +256]      (wgmma m64n256k16; V read in place
 //          from the KV tile as an MN-major operand: its 64-channel atoms are 8 KiB apart)
-//     and the online-softmax bookkeeping of the portable kernel (decode_portable.cuh).
+//     and the online-softmax bookkeeping of the portable kernel (decode_portable.cuh), with a lazy
+//     rescale (below: max_grew).
 // Shared memory uses the 128-byte-swizzled K-major layout throughout: each 64-channel slice of a
 // row is one 128-byte line, 8 lines form a 1024-byte swizzle atom, and slice c of a 64-row matrix
 // starts at c * 8 KiB.
@@ -59,6 +60,18 @@ struct Smem {
   static constexpr int total = q_bytes + kStages * stage_bytes + p_bytes + stats_bytes + valid_bytes + barrier_bytes +
                                1024;  // slack to align the start to 1024 bytes
 };
+
+// Lazy rescale of the online softmax. Each row keeps a reference maximum m (log2 domain), P = 2^(s - m),
+// and O and l in units of 2^m. Moving m to a larger tile maximum costs a multiply of all 128 O
+// accumulators per thread, on the way to the next P V wgmma. m moves only when some row of the warp
+// grew by more than p.rescale_threshold over its m (a uniform branch); otherwise m stays and
+// P <= 2^threshold. out = O / l and lse = (m + log2 l) ln 2 hold for any reference m, so the result
+// is the same softmax to rounding (P stays far inside bf16/fp16 and fp32 range). Threshold 0 moves m
+// whenever the maximum grows: the eager rescale, bitwise (a skipped factor is 1). Measured on the
+// H100 (docs/KERNEL_NOTES.md): 2.5-6% faster on rows of >= 128 query rows, neutral on the rest. The
+// portable kernel keeps the eager rescale (the same change measured no net gain there).
+// A row that has seen nothing has m = -inf and moves as soon as it sees a token.
+__device__ __forceinline__ bool max_grew(float m_new, float m, float threshold) { return m_new > m + threshold; }
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
@@ -395,14 +408,25 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           sStats[cw * kRows + row_lo + 8] = tile_max[1];
         }
         consumer_sync();
-        float rescale[2];
+        // Lazy rescale (max_grew): warp w of both warpgroups holds the same rows and reads the same
+        // sStats, so both decide alike.
+        float m_new[2];
+        bool grew = false;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float m_new = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
-          const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: keep P = 0
-          rescale[h] = exp2f(row_max[h] - base);
-          row_max[h] = m_new;
-          row_sum[h] *= rescale[h];
+          m_new[h] = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
+          grew |= max_grew(m_new[h], row_max[h], p.rescale_threshold);
+        }
+        const bool rescale_o = __any_sync(0xffffffff, grew);
+        float rescale[2];
+        if (rescale_o) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float base = m_new[h] == -INFINITY ? 0.f : m_new[h];  // nothing seen yet: keep P = 0
+            rescale[h] = exp2f(row_max[h] - base);
+            row_max[h] = m_new[h];
+            row_sum[h] *= rescale[h];
+          }
         }
         // P -> sP (swizzled K-major 64 x 64), and this warpgroup's share of the row sums.
 #pragma unroll
@@ -417,12 +441,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
           }
         }
+        if (rescale_o) {
 #pragma unroll
-        for (int i = 0; i < 128; i += 4) {
-          o[i] *= rescale[0];
-          o[i + 1] *= rescale[0];
-          o[i + 2] *= rescale[1];
-          o[i + 3] *= rescale[1];
+          for (int i = 0; i < 128; i += 4) {
+            o[i] *= rescale[0];
+            o[i + 1] *= rescale[0];
+            o[i + 2] *= rescale[1];
+            o[i + 3] *= rescale[1];
+          }
         }
         fence_proxy_async();  // generic stores to sP -> wgmma reads
         consumer_sync();

@@ -108,6 +108,21 @@ bool kv_evict_first(int64_t rows_per_head_k) {
   return v[0] == '1';
 }
 
+// The Hopper kernel's lazy softmax rescale threshold (decode_sm90.cuh max_grew), log2 units: O is
+// rescaled only when a row maximum grows by more than this. FLASHMLA_RESCALE_THRESHOLD=<number in
+// [0, 16]> sets it (0: whenever it grows, the eager rescale; read per call, for measurements and
+// tests). The portable kernel always rescales eagerly.
+constexpr float kDefaultRescaleThreshold = 8.f;
+float rescale_threshold() {
+  const char* v = std::getenv("FLASHMLA_RESCALE_THRESHOLD");
+  if (v == nullptr || v[0] == 0) return kDefaultRescaleThreshold;
+  char* end = nullptr;
+  const float t = std::strtof(v, &end);
+  TORCH_CHECK(*end == 0 && t >= 0.f && t <= 16.f, "FLASHMLA_RESCALE_THRESHOLD must be a number in [0, 16], got '", v,
+              "'");
+  return t;
+}
+
 // Launches the Hopper kernel if this build has it, the device is sm_90 and the shapes fit.
 bool try_launch_sm90(const DecodeParams& p, bool is_bf16, const DeviceFacts& dev, cudaStream_t stream) {
 #ifdef FLASHMLA_WITH_SM90
@@ -176,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.k_stride_head = k_cache.stride(2);
   p.block_table_stride = table.stride(0);
   p.scale_log2 = float(softmax_scale * M_LOG2E);
+  p.rescale_threshold = rescale_threshold();
   p.causal = causal;
   p.vec16 = s.head_dim % 8 == 0 && aligned16(p.q) && aligned16(p.k_cache) && q.stride(0) % 8 == 0 &&
             q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
