@@ -174,8 +174,7 @@ def test_hopper_lazy_rescale_threshold(monkeypatch, num_heads_q, seq_len_q, soft
     """The Hopper kernel's lazy softmax rescale (FLASHMLA_RESCALE_THRESHOLD, log2 units, default 8): 0
     (rescale whenever a row maximum grows), the default and the largest allowed value all match the
     float64 reference, also with softmax_scale=1 (scores spread over tens of log2 units, so maxima jump
-    by more than the threshold mid-sequence and both branches run); each is bitwise deterministic.
-    Values outside [0, 16] raise."""
+    by more than the threshold mid-sequence and both branches run); each is bitwise deterministic."""
     inp = make_decode_inputs(
         batch=5,
         seq_len_q=seq_len_q,
@@ -199,9 +198,6 @@ def test_hopper_lazy_rescale_threshold(monkeypatch, num_heads_q, seq_len_q, soft
     again = run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90", FLASHMLA_RESCALE_THRESHOLD="")
     assert_bitwise_equal(again[0], results[""][0])
     assert_bitwise_equal(again[1], results[""][1])
-    for bad in ("-1", "17", "eight", "8x"):
-        with pytest.raises(RuntimeError, match=r"FLASHMLA_RESCALE_THRESHOLD must be a number in \[0, 16\]"):
-            run_with(monkeypatch, inp, FLASHMLA_RESCALE_THRESHOLD=bad)
 
 
 def test_rescale_threshold_errors(monkeypatch):
