@@ -88,15 +88,18 @@ if has sched; then
 fi
 if has profile; then
   # Hardware counters of the decode kernel (FLASHMLA_KERNEL=$PROFILE_KERNEL, default auto) on a
-  # memory-bound and a compute-bound row; SourceCounters names the stalling instructions.
+  # memory-bound and a compute-bound row; SourceCounters names the stalling instructions. A case is
+  # "h_q,s_q[,s_k[,varlen]]"; varlen cases profile the combine kernel too (the third call's pair).
   for case in ${PROFILE_CASES:-"16,1" "128,1"}; do
-    IFS=, read -r hq sq <<< "$case"
-    name=ncu_${PROFILE_KERNEL:-auto}_h${hq}_sq${sq}
-    FLASHMLA_KERNEL=${PROFILE_KERNEL:-auto} ncu --clock-control none --kernel-name regex:mla_decode \
-      --launch-skip 2 --launch-count 1 --import-source no \
+    IFS=, read -r hq sq sk vl <<< "$case"
+    name=ncu_${PROFILE_KERNEL:-auto}_h${hq}_sq${sq}${sk:+_sk$sk}${vl:+_$vl}
+    kernels=mla_decode; skip=2; count=1
+    if [ "$vl" = varlen ]; then kernels="mla_decode|combine_kernel"; skip=4; count=2; fi
+    FLASHMLA_KERNEL=${PROFILE_KERNEL:-auto} ncu --clock-control none --kernel-name "regex:$kernels" \
+      --launch-skip $skip --launch-count $count --import-source no \
       --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
       --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section SourceCounters \
-      $PY scripts/profile_decode.py $hq $sq > "$OUT/$name.txt" 2>&1
+      $PY scripts/profile_decode.py $hq $sq ${sk:-4096} $vl > "$OUT/$name.txt" 2>&1
     note "$name rc=$?"
     grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Stall|Issue Slot|Executed Ipc" "$OUT/$name.txt" | head -20
   done
