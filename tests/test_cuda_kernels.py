@@ -208,3 +208,31 @@ def test_rescale_threshold_errors(monkeypatch):
     for bad in ("-1", "17", "eight", "8x", "nan"):
         with pytest.raises(RuntimeError, match=r"FLASHMLA_RESCALE_THRESHOLD must be a number in \[0, 16\]"):
             run_with(monkeypatch, inp, FLASHMLA_RESCALE_THRESHOLD=bad)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+@pytest.mark.parametrize("num_heads_q,head_dim_v", [(16, 512), (64, 512), (128, 512), (16, 96)])
+def test_partials_in_l2_switch(monkeypatch, kernel, num_heads_q, head_dim_v):
+    """Partial results kept in L2 (evict-last stores, discarded by the combine kernel once read;
+    FLASHMLA_PARTIALS_L2, on by default) change no bit: on and off give the same output and LSE, which
+    match the reference, on a batch whose sequences are cut into many pieces, at one and two row tiles
+    per KV head and at a head_dim_v whose rows are whole 128-byte lines (96) too. A bad value raises."""
+    inp = make_decode_inputs(
+        batch=6,
+        seq_len_q=1,
+        num_heads_q=num_heads_q,
+        head_dim_v=head_dim_v,
+        dtype=torch.bfloat16,
+        device="cuda",
+        max_seqlen=3000,
+        seed=seed_for("partials-l2", kernel, num_heads_q, head_dim_v),
+    )
+    on = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_PARTIALS_L2="1")
+    off = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_PARTIALS_L2="0")
+    default = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_PARTIALS_L2="")
+    check_against_reference(inp, *on)
+    for got in (off, default):
+        assert_bitwise_equal(got[0], on[0])
+        assert_bitwise_equal(got[1], on[1])
+    with pytest.raises(RuntimeError, match="FLASHMLA_PARTIALS_L2 must be 0 or 1"):
+        run_with(monkeypatch, inp, FLASHMLA_PARTIALS_L2="yes")

@@ -9,6 +9,7 @@
 
 #include "combine.h"
 #include "dtype.cuh"
+#include "l2_policy.cuh"
 #include "pdl.cuh"
 
 namespace flashmla {
@@ -58,6 +59,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
   const float* piece0 =
       p.partial_out + ((int64_t(first) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v;
   const int64_t piece_stride = int64_t(p.num_heads_k) * p.rows_per_head_k * p.head_dim_v;
+  // partials_in_l2 (l2_policy.cuh): rows of whole 128-byte lines, each read by this warp only.
+  const bool discard = p.partials_in_l2 && p.head_dim_v % 32 == 0;
   if (p.head_dim_v % 4 == 0) {
     // Each lane owns channels 4 lane + 128 i (float4 loads, 16-byte aligned since head_dim_v % 4 == 0);
     // the pieces are the outer loop, so a lane's kVecs loads of one piece are independent.
@@ -89,6 +92,20 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
           auto* d2 = reinterpret_cast<typename Dtype<T>::pair*>(dst + c);
           d2[0] = Dtype<T>::make_pair(acc[i].x, acc[i].y);
           d2[1] = Dtype<T>::make_pair(acc[i].z, acc[i].w);
+        }
+      }
+      if (discard) {
+        // The pieces' lines read in this pass are dead: drop them from L2 without a write-back.
+        // Lane 8m holds the start of 128-byte line m of each 512-byte group (rows are whole lines).
+        __syncwarp();
+        if (lane % 8 == 0) {
+          for (int k = 0; k < count; ++k) {
+#pragma unroll
+            for (int i = 0; i < kVecs; ++i) {
+              const int c = c0 + 128 * i + 4 * lane;
+              if (c < p.head_dim_v) discard_l2_line(piece0 + k * piece_stride + c);
+            }
+          }
         }
       }
     }

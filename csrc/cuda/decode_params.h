@@ -30,6 +30,8 @@ struct DecodeParams {
   bool vec16;           // q and k rows are 16-byte aligned with head_dim % 8 == 0
   bool kv_evict_first;  // KV loads may be marked L2 evict-first (l2_policy.cuh); the launchers clear it
                         // when several blocks read the same KV
+  bool partials_in_l2;  // partial results stored evict-last and discarded by the combine (l2_policy.cuh);
+                        // the launchers clear it where it does not apply
 };
 
 }  // namespace flashmla

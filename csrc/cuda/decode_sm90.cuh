@@ -499,9 +499,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         } else {
           const int64_t prow = (int64_t(pc.split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
           float* dst = p.partial_out + prow * kDimV + col0;
+          const uint64_t policy = partials_l2_policy(p.partials_in_l2);
 #pragma unroll
           for (int j = 0; j < 32; ++j)
-            *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+            store_float2_policy(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv, policy);
           if (cw == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
         }
       }

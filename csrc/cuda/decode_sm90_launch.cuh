@@ -50,6 +50,7 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   Args args{};
   args.p = p;
   args.p.kv_evict_first = p.kv_evict_first && m_blocks == 1;  // else the row tiles share KV through L2
+  args.p.partials_in_l2 = p.partials_in_l2 && m_blocks == 1;  // l2_policy.cuh
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);

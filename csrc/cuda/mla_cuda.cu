@@ -108,6 +108,17 @@ bool kv_evict_first(int64_t rows_per_head_k) {
   return v[0] == '1';
 }
 
+// Whether partial results stay in L2 until the combine kernel reads and discards them
+// (l2_policy.cuh; the launchers apply it only with one row tile per KV head). On by default;
+// FLASHMLA_PARTIALS_L2=0 / 1 turns it off / on (read per call, for measurements).
+bool partials_in_l2() {
+  const char* v = std::getenv("FLASHMLA_PARTIALS_L2");
+  if (v == nullptr || v[0] == 0) return true;
+  TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "FLASHMLA_PARTIALS_L2 must be 0 or 1, got '", v,
+              "'");
+  return v[0] == '1';
+}
+
 // The Hopper kernel's lazy softmax rescale threshold (decode_sm90.cuh max_grew), log2 units: O is
 // rescaled only when a row maximum grows by more than this. FLASHMLA_RESCALE_THRESHOLD=<number in
 // [0, 16]> sets it (0: whenever it grows, the eager rescale; read per call, for measurements and
@@ -197,6 +208,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
             q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
             k_cache.stride(2) % 8 == 0;
   p.kv_evict_first = kv_evict_first(s.rows_per_head_k);
+  p.partials_in_l2 = partials_in_l2() && s.head_dim_v % 32 == 0;
   TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
               "flash_mla_with_kvcache: k_cache is too large");
 
