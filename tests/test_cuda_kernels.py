@@ -214,9 +214,10 @@ def test_rescale_threshold_errors(monkeypatch):
 @pytest.mark.parametrize("num_heads_q,head_dim_v", [(16, 512), (64, 512), (128, 512), (16, 96)])
 def test_partials_in_l2_switch(monkeypatch, kernel, num_heads_q, head_dim_v):
     """Partial results kept in L2 (evict-last stores, discarded by the combine kernel once read;
-    FLASHMLA_PARTIALS_L2, on by default) change no bit: on and off give the same output and LSE, which
-    match the reference, on a batch whose sequences are cut into many pieces, at one and two row tiles
-    per KV head and at a head_dim_v whose rows are whole 128-byte lines (96) too. A bad value raises."""
+    FLASHMLA_PARTIALS_L2, on by default, Hopper kernel only) change no bit: on and off give the same
+    output and LSE, which match the reference, on a batch whose sequences are cut into many pieces, at
+    one and two row tiles per KV head (and, where auto picks the portable kernel: head_dim_v 96 or a
+    non-Hopper GPU, the switch must not matter either). A bad value raises."""
     inp = make_decode_inputs(
         batch=6,
         seq_len_q=1,

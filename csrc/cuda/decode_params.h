@@ -31,7 +31,7 @@ struct DecodeParams {
   bool kv_evict_first;  // KV loads may be marked L2 evict-first (l2_policy.cuh); the launchers clear it
                         // when several blocks read the same KV
   bool partials_in_l2;  // partial results stored evict-last and discarded by the combine (l2_policy.cuh);
-                        // the launchers clear it where it does not apply
+                        // Hopper kernel only (mla_cuda.cu clears it for the portable kernel)
 };
 
 }  // namespace flashmla

@@ -527,17 +527,9 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         } else {
           const int64_t prow = (int64_t(split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
           float* dst = p.partial_out + prow * p.head_dim_v;
-          if (p.partials_in_l2) {  // head_dim_v % 32 == 0 (launcher): pairs are whole and aligned
-            const uint64_t policy = partials_l2_policy(true);
 #pragma unroll
-            for (int i = 0; i < kOT; ++i)
-              if (col0 + i * 8 < p.head_dim_v)
-                store_float2_policy(dst + col0 + i * 8, o[mw][i][2 * h] * inv, o[mw][i][2 * h + 1] * inv, policy);
-          } else {
-#pragma unroll
-            for (int i = 0; i < kOT; ++i)
-              store_two(dst, col0 + i * 8, p.head_dim_v, o[mw][i][2 * h] * inv, o[mw][i][2 * h + 1] * inv);
-          }
+          for (int i = 0; i < kOT; ++i)
+            store_two(dst, col0 + i * 8, p.head_dim_v, o[mw][i][2 * h] * inv, o[mw][i][2 * h + 1] * inv);
           if (wn == 0 && blockIdx.z == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
         }
       }

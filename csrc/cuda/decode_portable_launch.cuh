@@ -58,7 +58,6 @@ bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choic
   const dim3 grid(p.num_sm_parts, p.num_heads_k * m_blocks, (p.head_dim_v + kColsPerBlock - 1) / kColsPerBlock);
   DecodeParams kp = p;
   kp.kv_evict_first = p.kv_evict_first && m_blocks == 1 && grid.z == 1;  // else blocks share KV through L2
-  kp.partials_in_l2 = p.partials_in_l2 && m_blocks == 1 && grid.z == 1;  // l2_policy.cuh
   kernel<<<grid, (MG / MW) * WN * 32, smem, stream>>>(kp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;

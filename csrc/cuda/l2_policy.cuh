@@ -9,8 +9,8 @@
 
 namespace flashmla {
 
-// Partial results (fp32, written by the decode for cut sequences, read once by the combine kernel)
-// with DecodeParams::partials_in_l2: stored evict-last, so that the KV stream does not push them out
+// Partial results (fp32, written by the Hopper kernel for cut sequences, read once by the combine
+// kernel) with DecodeParams::partials_in_l2: stored evict-last, so that the KV stream does not push them out
 // of L2 before the combine reads them, and the combine discards each 128-byte line it has read
 // (discard.global.L2: the dead line is dropped without being written back to DRAM). The host sets
 // it only where partial rows are whole 128-byte lines (head_dim_v % 32 == 0), which is all the

@@ -109,8 +109,10 @@ bool kv_evict_first(int64_t rows_per_head_k) {
 }
 
 // Whether partial results stay in L2 until the combine kernel reads and discards them
-// (l2_policy.cuh; the launchers apply it only with one row tile per KV head). On by default;
-// FLASHMLA_PARTIALS_L2=0 / 1 turns it off / on (read per call, for measurements).
+// (l2_policy.cuh; the Hopper kernel's only, and its launcher applies the evict-last stores only with
+// one row tile per KV head). Measured on the H100: Hopper varlen rows 2-4% faster, fixed lengths
+// unchanged (docs/KERNEL_NOTES.md). On by default; FLASHMLA_PARTIALS_L2=0 / 1 turns it off / on (read
+// per call, for measurements).
 bool partials_in_l2() {
   const char* v = std::getenv("FLASHMLA_PARTIALS_L2");
   if (v == nullptr || v[0] == 0) return true;
@@ -222,6 +224,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
               "flash_mla_with_kvcache: FLASHMLA_KERNEL=sm90 but the Hopper kernel does not apply here (needs an "
               "sm_90a build, an sm_90 GPU, head_dim 576 or 512, head_dim_v 512, 16-byte aligned rows)");
   if (!launched) {
+    // The portable kernel stores its partial results plainly (the evict-last stores measured 1-4% slower
+    // there, through its schedule): no discards either, so this path is the one measured without them.
+    p.partials_in_l2 = false;
     if (is_bf16)
       launch_portable_decode_bf16(p, dev.smem_optin, stream);
     else
