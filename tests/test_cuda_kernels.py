@@ -52,6 +52,20 @@ def run_with(monkeypatch, inp, **env):
     return out, lse
 
 
+def check_switch_changes_no_bit(monkeypatch, inp, kernel, var):
+    """A 0/1 switch `var` that may only change speed: forced on, forced off and the default give the
+    same output and LSE bit for bit, on matches the reference, and any other value raises."""
+    on = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, **{var: "1"})
+    off = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, **{var: "0"})
+    default = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, **{var: ""})
+    check_against_reference(inp, *on)
+    for got in (off, default):
+        assert_bitwise_equal(got[0], on[0])
+        assert_bitwise_equal(got[1], on[1])
+    with pytest.raises(RuntimeError, match=f"{var} must be 0 or 1"):
+        run_with(monkeypatch, inp, **{var: "yes"})
+
+
 @requires_hopper
 @DTYPES
 @pytest.mark.parametrize(
@@ -156,15 +170,7 @@ def test_kv_evict_first_switch(monkeypatch, kernel, num_heads_q):
         max_seqlen=3000,
         seed=seed_for("evict-first", kernel, num_heads_q),
     )
-    on = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_KV_EVICT_FIRST="1")
-    off = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_KV_EVICT_FIRST="0")
-    default = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_KV_EVICT_FIRST="")
-    check_against_reference(inp, *on)
-    for got in (off, default):
-        assert_bitwise_equal(got[0], on[0])
-        assert_bitwise_equal(got[1], on[1])
-    with pytest.raises(RuntimeError, match="FLASHMLA_KV_EVICT_FIRST must be 0 or 1"):
-        run_with(monkeypatch, inp, FLASHMLA_KV_EVICT_FIRST="yes")
+    check_switch_changes_no_bit(monkeypatch, inp, kernel, "FLASHMLA_KV_EVICT_FIRST")
 
 
 @requires_hopper
@@ -228,12 +234,4 @@ def test_partials_in_l2_switch(monkeypatch, kernel, num_heads_q, head_dim_v):
         max_seqlen=3000,
         seed=seed_for("partials-l2", kernel, num_heads_q, head_dim_v),
     )
-    on = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_PARTIALS_L2="1")
-    off = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_PARTIALS_L2="0")
-    default = run_with(monkeypatch, inp, FLASHMLA_KERNEL=kernel, FLASHMLA_PARTIALS_L2="")
-    check_against_reference(inp, *on)
-    for got in (off, default):
-        assert_bitwise_equal(got[0], on[0])
-        assert_bitwise_equal(got[1], on[1])
-    with pytest.raises(RuntimeError, match="FLASHMLA_PARTIALS_L2 must be 0 or 1"):
-        run_with(monkeypatch, inp, FLASHMLA_PARTIALS_L2="yes")
+    check_switch_changes_no_bit(monkeypatch, inp, kernel, "FLASHMLA_PARTIALS_L2")
