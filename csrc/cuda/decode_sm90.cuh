@@ -68,7 +68,7 @@ struct Smem {
 // P <= 2^threshold. out = O / l and lse = (m + log2 l) ln 2 hold for any reference m, so the result
 // is the same softmax to rounding (P stays far inside bf16/fp16 and fp32 range). Threshold 0 moves m
 // whenever the maximum grows: the eager rescale, bitwise (a skipped factor is 1). Measured on the
-// H100 (docs/KERNEL_NOTES.md): 2.5-6% faster on rows of >= 128 query rows, neutral on the rest. The
+// H100 (docs/KERNEL_NOTES.md): 2-6% faster on rows of >= 128 query rows, neutral on the rest. The
 // portable kernel keeps the eager rescale (the same change measured no net gain there).
 // A row that has seen nothing has m = -inf and moves as soon as it sees a token.
 __device__ __forceinline__ bool max_grew(float m_new, float m, float threshold) { return m_new > m + threshold; }
