@@ -174,28 +174,30 @@ def test_kv_evict_first_switch(monkeypatch, kernel, num_heads_q):
 
 
 @requires_hopper
+@DTYPES
 @pytest.mark.parametrize("num_heads_q,seq_len_q", [(16, 1), (64, 1), (128, 2)])
 @pytest.mark.parametrize("softmax_scale", [None, 1.0], ids=["default-scale", "scale1"])
-def test_hopper_lazy_rescale_threshold(monkeypatch, num_heads_q, seq_len_q, softmax_scale):
+def test_hopper_lazy_rescale_threshold(monkeypatch, dtype, num_heads_q, seq_len_q, softmax_scale):
     """The Hopper kernel's lazy softmax rescale (FLASHMLA_RESCALE_THRESHOLD, log2 units, default 8): 0
-    (rescale whenever a row maximum grows), the default and the largest allowed value all match the
+    (rescale whenever a row maximum grows), the default and the largest allowed value (15) all match the
     float64 reference, also with softmax_scale=1 (scores spread over tens of log2 units, so maxima jump
-    by more than the threshold mid-sequence and both branches run); each is bitwise deterministic."""
+    by more than the threshold mid-sequence and both branches run), in bf16 and fp16 (where P up to 2^15
+    must stay finite); each is bitwise deterministic."""
     inp = make_decode_inputs(
         batch=5,
         seq_len_q=seq_len_q,
         num_heads_q=num_heads_q,
-        dtype=torch.bfloat16,
+        dtype=dtype,
         device="cuda",
         max_seqlen=2000,
         causal=seq_len_q > 1,
         softmax_scale=softmax_scale,
-        seed=seed_for("lazy-rescale", num_heads_q, seq_len_q, softmax_scale),
+        seed=seed_for("lazy-rescale", dtype, num_heads_q, seq_len_q, softmax_scale),
     )
     ref = inp.reference()
     ref_low = inp.reference(compute_dtype=None)
     results = {}
-    for threshold in ("0", "", "16"):
+    for threshold in ("0", "", "15"):
         results[threshold] = run_with(
             monkeypatch, inp, FLASHMLA_KERNEL="sm90", FLASHMLA_RESCALE_THRESHOLD=threshold
         )
@@ -211,8 +213,8 @@ def test_rescale_threshold_errors(monkeypatch):
     inp = make_decode_inputs(
         batch=2, num_heads_q=4, head_dim=40, head_dim_v=32, page_block_size=16, device="cuda"
     )
-    for bad in ("-1", "17", "eight", "8x", "nan"):
-        with pytest.raises(RuntimeError, match=r"FLASHMLA_RESCALE_THRESHOLD must be a number in \[0, 16\]"):
+    for bad in ("-1", "16", "eight", "8x", "nan"):
+        with pytest.raises(RuntimeError, match=r"FLASHMLA_RESCALE_THRESHOLD must be a number in \[0, 15\]"):
             run_with(monkeypatch, inp, FLASHMLA_RESCALE_THRESHOLD=bad)
 
 

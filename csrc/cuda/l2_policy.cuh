@@ -16,7 +16,9 @@ namespace flashmla {
 // it only where partial rows are whole 128-byte lines (head_dim_v % 32 == 0), which is all the
 // combine's discards need; the launchers keep the evict-last stores to one row tile per KV head (at
 // 64 rows the partials of a step are ~33 MB of the 50 MB L2; with two row tiles they would crowd out
-// the KV that the two tiles share through L2).
+// the KV that the two tiles share through L2). Metadata not built by get_mla_metadata (num_splits not
+// increasing) can make two sequences share partial rows; their results are unspecified then anyway,
+// and the discards stay inside the partial buffer.
 __device__ __forceinline__ uint64_t partials_l2_policy(bool in_l2) {
   uint64_t policy;
   if (in_l2)

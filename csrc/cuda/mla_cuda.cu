@@ -123,15 +123,16 @@ bool partials_in_l2() {
 
 // The Hopper kernel's lazy softmax rescale threshold (decode_sm90.cuh max_grew), log2 units: O is
 // rescaled only when a row maximum grows by more than this. FLASHMLA_RESCALE_THRESHOLD=<number in
-// [0, 16]> sets it (0: whenever it grows, the eager rescale; read per call, for measurements and
-// tests). The portable kernel always rescales eagerly.
+// [0, 15]> sets it (0: whenever it grows, the eager rescale; read per call, for measurements and
+// tests). At most 15: P <= 2^15 must stay finite in fp16 (largest 65504). The portable kernel always
+// rescales eagerly.
 constexpr float kDefaultRescaleThreshold = 8.f;
 float rescale_threshold() {
   const char* v = std::getenv("FLASHMLA_RESCALE_THRESHOLD");
   if (v == nullptr || v[0] == 0) return kDefaultRescaleThreshold;
   char* end = nullptr;
   const float t = std::strtof(v, &end);
-  TORCH_CHECK(*end == 0 && t >= 0.f && t <= 16.f, "FLASHMLA_RESCALE_THRESHOLD must be a number in [0, 16], got '", v,
+  TORCH_CHECK(*end == 0 && t >= 0.f && t <= 15.f, "FLASHMLA_RESCALE_THRESHOLD must be a number in [0, 15], got '", v,
               "'");
   return t;
 }
