@@ -9,6 +9,24 @@
 
 namespace flashmla {
 
+enum class L2Evict { kFirst, kLast };
+
+// A cache-policy operand (for every line an access brings into L2): priority `kPriority` when `on`,
+// evict-normal (the default priority) otherwise.
+template <L2Evict kPriority>
+__device__ __forceinline__ uint64_t l2_policy_if(bool on) {
+  uint64_t policy;
+  if (on) {
+    if constexpr (kPriority == L2Evict::kFirst)
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    else
+      asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  }
+  return policy;
+}
+
 // Partial results (fp32, written by the Hopper kernel for cut sequences, read once by the combine
 // kernel) with DecodeParams::partials_in_l2: stored evict-last, so that the KV stream does not push them out
 // of L2 before the combine reads them, and the combine discards each 128-byte line it has read
@@ -19,14 +37,7 @@ namespace flashmla {
 // the KV that the two tiles share through L2). Metadata not built by get_mla_metadata (num_splits not
 // increasing) can make two sequences share partial rows; their results are unspecified then anyway,
 // and the discards stay inside the partial buffer.
-__device__ __forceinline__ uint64_t partials_l2_policy(bool in_l2) {
-  uint64_t policy;
-  if (in_l2)
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  else
-    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
+__device__ __forceinline__ uint64_t partials_l2_policy(bool in_l2) { return l2_policy_if<L2Evict::kLast>(in_l2); }
 
 // dst[0], dst[1] = a, b (8-byte aligned) with an L2 cache policy.
 __device__ __forceinline__ void store_float2_policy(float* dst, float a, float b, uint64_t policy) {
@@ -41,12 +52,7 @@ __device__ __forceinline__ void discard_l2_line(const void* line) {
 }
 
 __device__ __forceinline__ uint64_t kv_l2_policy(bool evict_first) {
-  uint64_t policy;
-  if (evict_first)
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  else
-    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
+  return l2_policy_if<L2Evict::kFirst>(evict_first);
 }
 
 }  // namespace flashmla

@@ -94,6 +94,15 @@ KernelChoice kernel_choice() {
   TORCH_CHECK(false, "FLASHMLA_KERNEL must be auto, portable or sm90, got '", v, "'");
 }
 
+// A 0/1 switch read from the environment on every call (for measurements): `unset` when the variable
+// is unset or empty; any other value but 0 and 1 raises, naming the variable.
+bool env_switch(const char* name, bool unset) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == 0) return unset;
+  TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, name, " must be 0 or 1, got '", v, "'");
+  return v[0] == '1';
+}
+
 // Whether KV loads may be marked L2 evict-first (l2_policy.cuh; the launchers also require that no
 // two blocks read the same KV). Measured on the H100 (scripts/env_ab.py, docs/KERNEL_NOTES.md): with
 // variable lengths 1-3.5% faster at 16 query rows per KV head, within +-1.5% at 32 rows, 1-2% slower
@@ -101,11 +110,7 @@ KernelChoice kernel_choice() {
 // it on / off (read per call, for measurements).
 constexpr int kEvictFirstMaxRows = 16;
 bool kv_evict_first(int64_t rows_per_head_k) {
-  const char* v = std::getenv("FLASHMLA_KV_EVICT_FIRST");
-  if (v == nullptr || v[0] == 0) return rows_per_head_k <= kEvictFirstMaxRows;
-  TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "FLASHMLA_KV_EVICT_FIRST must be 0 or 1, got '", v,
-              "'");
-  return v[0] == '1';
+  return env_switch("FLASHMLA_KV_EVICT_FIRST", rows_per_head_k <= kEvictFirstMaxRows);
 }
 
 // Whether partial results stay in L2 until the combine kernel reads and discards them
@@ -113,13 +118,7 @@ bool kv_evict_first(int64_t rows_per_head_k) {
 // one row tile per KV head). Measured on the H100: Hopper varlen rows 2-4% faster, fixed lengths
 // unchanged (docs/KERNEL_NOTES.md). On by default; FLASHMLA_PARTIALS_L2=0 / 1 turns it off / on (read
 // per call, for measurements).
-bool partials_in_l2() {
-  const char* v = std::getenv("FLASHMLA_PARTIALS_L2");
-  if (v == nullptr || v[0] == 0) return true;
-  TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "FLASHMLA_PARTIALS_L2 must be 0 or 1, got '", v,
-              "'");
-  return v[0] == '1';
-}
+bool partials_in_l2() { return env_switch("FLASHMLA_PARTIALS_L2", true); }
 
 // The Hopper kernel's lazy softmax rescale threshold (decode_sm90.cuh max_grew), log2 units: O is
 // rescaled only when a row maximum grows by more than this. FLASHMLA_RESCALE_THRESHOLD=<number in
