@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
-#   scripts/gpu_run.sh [stage ...]   stages: build tune sched ab smoke tests aoti sanitize profile bench
+#   scripts/gpu_run.sh [stage ...]   stages: ceilings build tune sched ab smoke tests aoti sanitize profile bench
 #                                    (default: all but tune, sched, ab and profile; a 10-minute call
 #                                    fits `build smoke tests bench`, then `build aoti sanitize`)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call.
@@ -35,6 +35,11 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
+if has ceilings; then
+  # The copy and matmul ceilings of this card (scripts/ceilings.py), for the benchmark's percentages.
+  $PY scripts/ceilings.py > "$OUT/ceilings.json" 2> "$OUT/ceilings.log"
+  note "ceilings rc=$? $(cat "$OUT/ceilings.json")"
+fi
 
 if has build; then
   start=$(date +%s)
