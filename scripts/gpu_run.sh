@@ -79,7 +79,7 @@ fi
 if has ab; then
   # One environment switch A/B on a few rows, with the decode kernel's time (scripts/env_ab.py).
   $PY scripts/env_ab.py --var "${AB_VAR:-FLASHMLA_KV_EVICT_FIRST}" --values "${AB_VALUES:-1,0}" \
-    ${AB_ROWS:+--rows "$AB_ROWS"} --out "$OUT/ab" > "$OUT/ab.log" 2>&1
+    ${AB_ROWS:+--rows "$AB_ROWS"} ${AB_KERNELS:+--kernels "$AB_KERNELS"} --out "$OUT/ab" > "$OUT/ab.log" 2>&1
   note "ab rc=$? $(elapsed)"
   grep "^|" "$OUT/ab.log"
 fi

@@ -32,6 +32,7 @@ struct DecodeParams {
                         // when several blocks read the same KV
   bool partials_in_l2;  // partial results stored evict-last and discarded by the combine (l2_policy.cuh);
                         // Hopper kernel only (mla_cuda.cu clears it for the portable kernel)
+  bool sm90_seesaw;     // Hopper kernel: the seesaw consumer schedule (decode_sm90.cuh seesaw_consumers)
 };
 
 }  // namespace flashmla

@@ -48,13 +48,16 @@ struct Args {
   bool use_tma;
 };
 
-template <int D>
+// kSeesaw: the schedule of the consumers (below, seesaw_consumers). Its P tiles live in the dead rope
+// slice of their KV stage when D = 576 (channels 512..575 are K only: no P V reads them), else in two
+// slices of their own; it exchanges four per-row values instead of two.
+template <int D, bool kSeesaw>
 struct Smem {
   static constexpr int kSlices = D / 64;
   static constexpr int q_bytes = kSlices * kSliceBytes;
   static constexpr int stage_bytes = kSlices * kSliceBytes;
-  static constexpr int p_bytes = kSliceBytes;
-  static constexpr int stats_bytes = 2 * kRows * sizeof(float);
+  static constexpr int p_bytes = !kSeesaw ? kSliceBytes : (D > kDimV ? 0 : kStages * kSliceBytes);
+  static constexpr int stats_bytes = (kSeesaw ? 4 : 2) * kRows * sizeof(float);
   static constexpr int valid_bytes = kStages * kTokens;
   static constexpr int barrier_bytes = 2 * kStages * 8;
   static constexpr int total = q_bytes + kStages * stage_bytes + p_bytes + stats_bytes + valid_bytes + barrier_bytes +
@@ -96,6 +99,17 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // Barrier 1: the 256 consumer threads only (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+}
+// Seesaw handshake (seesaw_consumers): barrier 2 = "tile A's P and m are published" (warpgroup 0
+// arrives, 1 waits), barrier 3 = the same for tile B (1 arrives, 0 waits); 4 + cw = one warpgroup.
+constexpr int kBarTileA = 2, kBarTileB = 3, kBarWarpgroup = 4;
+template <int kId>
+__device__ __forceinline__ void named_arrive(int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
+}
+template <int kId>
+__device__ __forceinline__ void named_sync(int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "r"(threads) : "memory");
 }
 
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes, uint64_t l2_policy) {
@@ -189,6 +203,39 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, u
 #undef FLASHMLA_WGMMA_N256
 }
 
+// S (64 x 64, fp32) += A (64 x 16, K-major smem) * B (64 x 16, K-major smem)^T
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t da, uint64_t db) {
+#define FLASHMLA_WGMMA_N64(TY)                                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                          \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                          \
+               "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"       \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+               : "l"(da), "l"(db))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    FLASHMLA_WGMMA_N64("bf16");
+  else
+    FLASHMLA_WGMMA_N64("f16");
+#undef FLASHMLA_WGMMA_N64
+}
+
+// O (64 x 256, fp32) += A (64 x 16, registers: the m64 accumulator layout packed to 16-bit pairs)
+//                       * B (16 x 256, MN-major smem)
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t db) {
+#define FLASHMLA_WGMMA_N256_RS(TY)                                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                          \
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " "                         \
+               "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"                 \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    FLASHMLA_WGMMA_N256_RS("bf16");
+  else
+    FLASHMLA_WGMMA_N256_RS("f16");
+#undef FLASHMLA_WGMMA_N256_RS
+}
+
 // One (sequence, worker) piece of the schedule, clamped so that metadata built for other lengths
 // can never index outside the tensors (csrc/schedule.h).
 struct Piece {
@@ -228,10 +275,335 @@ __device__ __forceinline__ void gather_rows(uint32_t dst, int tid, const T* any_
   }
 }
 
+// Q rows [row_base, row_base + 64) of sequence b for KV head hk -> sQ (swizzled), gathered by the 256
+// consumer threads; the caller waits for it (cp_async_wait_all, fence_proxy_async, consumer_sync).
+template <int D, typename T>
+__device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t sq, int ctid, int b, int hk, int row_base,
+                                       uint64_t l2_policy) {
+  const int g = p.num_heads_per_head_k;
+  gather_rows<D, kConsumerThreads>(sq, ctid, static_cast<const T*>(p.q), l2_policy, [&](int r) -> const T* {
+    const int row = row_base + r;
+    if (row >= p.rows_per_head_k) return nullptr;
+    return static_cast<const T*>(p.q) + b * p.q_stride_b + (row / g) * p.q_stride_s + (hk * g + row % g) * p.q_stride_h;
+  });
+}
+
+// TMA brings whole pages: zero the V rows [first_dead, 64) of a KV stage (tokens past the piece may
+// hold NaN, and P = 0 times NaN is NaN), by `threads` threads (t = 0..threads-1). Channels past 512
+// only meet masked scores. The caller fences (fence_proxy_async) and syncs before any P V reads it.
+__device__ __forceinline__ void clear_dead_v(unsigned char* stage_ptr, int first_dead, int t, int threads) {
+  for (int idx = t; idx < (kTokens - first_dead) * (kDimV / 8); idx += threads) {
+    const int r = first_dead + idx / (kDimV / 8), c = idx % (kDimV / 8);
+    *reinterpret_cast<uint4*>(stage_ptr + (c / 8) * kSliceBytes + swizzled(r, c % 8)) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The reference maximum a row's P is taken against: a row that has seen nothing (m = -inf) keeps P = 0.
+__device__ __forceinline__ float ref_base(float m) { return m == -INFINITY ? 0.f : m; }
+
+// O (this thread's 128 accumulators, rows row_lo and row_lo + 8) *= factor of its row.
+__device__ __forceinline__ void rescale_o(float (&o)[128], const float (&factor)[2]) {
+#pragma unroll
+  for (int i = 0; i < 128; i += 4) {
+    o[i] *= factor[0];
+    o[i + 1] *= factor[0];
+    o[i + 2] *= factor[1];
+    o[i + 3] *= factor[1];
+  }
+}
+
+// Writes this thread's rows row_lo, row_lo + 8 of the tile: O[:, 256 cw : +256] / total and the LSE
+// (total = the row's sum of P, in units of 2^row_max), into out / lse for a whole sequence, else into
+// the partial buffers of its split row.
+template <typename T>
+__device__ __forceinline__ void store_rows(const DecodeParams& p, const Piece& pc, int b, int hk, int row_base,
+                                           int row_lo, int cw, int lane, const float (&o)[128],
+                                           const float (&row_max)[2], const float (&total)[2]) {
+  using DT = Dtype<T>;
+  const int g = p.num_heads_per_head_k;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row_lo + 8 * h;
+    const int row = row_base + r;
+    if (row >= p.rows_per_head_k) continue;
+    const bool empty = total[h] == 0.f;
+    const float inv = empty ? 0.f : 1.f / total[h];
+    const float lse = empty ? (pc.whole ? INFINITY : -INFINITY) : (row_max[h] + log2f(total[h])) * kLn2;
+    const int qi = row / g, head = hk * g + row % g;
+    // o[4 j + 2 h + {0,1}] holds channels 256 cw + 8 j + 2 (lane % 4) + {0,1}.
+    const int col0 = cw * 256 + (lane % 4) * 2;
+    if (pc.whole) {
+      T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * kDimV + col0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        *reinterpret_cast<typename DT::pair*>(dst + 8 * j) =
+            DT::make_pair(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      if (cw == 0 && lane % 4 == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = lse;
+    } else {
+      const int64_t prow = (int64_t(pc.split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
+      float* dst = p.partial_out + prow * kDimV + col0;
+      const uint64_t policy = partials_l2_policy(p.partials_in_l2);
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        store_float2_policy(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv, policy);
+      if (cw == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
+    }
+  }
+}
+
+// Shared-memory regions of one block (Smem gives their sizes).
+struct SmemRegions {
+  unsigned char* q;        // 64 query rows, swizzled slices
+  unsigned char* kv;       // kStages KV stages
+  unsigned char* p;        // P tile(s), where they have a region of their own
+  float* stats;            // per-row values exchanged between the consumer warpgroups
+  unsigned char* valid;    // [stage][token]: the token exists (written by the producer)
+  uint32_t full_bar, empty_bar;  // kStages mbarriers each
+};
+
+// Packs P values (fp32, this thread's accumulator layout) into a 16-bit pair register.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  const typename Dtype<T>::pair v = Dtype<T>::make_pair(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Seesaw consumers. The 64-token tiles of a piece go in pairs (A = tile 2k in stage 0, B = tile 2k + 1
+// in stage 1). Warpgroup cw computes the whole S of its own tile (A for cw 0, B for cw 1: 64 x 64,
+// wgmma m64n64k16) and its softmax; both accumulate their half of O (channels 256 cw ..) over both
+// tiles: the own tile's P from registers, the other's from shared memory. The online softmax runs
+// as a chain A -> B, with reference maxima m (log2 units, lazy rescale as max_grew):
+//   cw 0:  S_A, m_A = move(m, rowmax S_A), P_A = 2^(S_A - m_A)  -> publish P_A, m_A    (barrier A)
+//          O_L = O_L 2^(m - m_A) + P_A V_A,L            | wait for P_B, m_B           (barrier B)
+//          O_L = O_L 2^(m_A - m_B) + P_B V_B,L
+//   cw 1:  S_B (while cw 0 runs its softmax)             | wait for P_A, m_A           (barrier A)
+//          O_R = O_R 2^(m - m_A) + P_A V_A,R  (in flight while:) m_B = move(m_A, rowmax S_B),
+//          P_B = 2^(S_B - m_B) -> publish P_B, m_B (barrier B); O_R = O_R 2^(m_A - m_B) + P_B V_B,R
+// so one warpgroup's softmax overlaps the other's tensor-core work. l (row sums of P) is kept per
+// warpgroup in the same units and added at the end. The producer fills stage (tile % 2) and counts
+// the fills of each stage (a piece with an odd tile count leaves stage 1 out of its last pair).
 template <typename T, int D>
+__device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemRegions& sm, int tid, const int* md,
+                                                 int begin_batch, int end_batch, int hk, int row_base,
+                                                 uint64_t l2_policy) {
+  using S = Smem<D, true>;
+  const DecodeParams& p = args.p;
+  const int ctid = tid - 128;  // 0..255
+  const int cw = ctid / 128;
+  const int lane = tid % 32;
+  const int row_lo = ((ctid % 128) / 32) * 16 + lane / 4;  // accumulator rows row_lo, row_lo + 8
+  const int g = p.num_heads_per_head_k;
+  float* sM = sm.stats;              // [tile A, tile B][64 rows]: reference maxima after each tile
+  float* sL = sm.stats + 2 * kRows;  // [warpgroup][64 rows]: row sums at the end of a piece
+  const uint32_t q_addr = smem_u32(sm.q);
+  const uint32_t kv_base = smem_u32(sm.kv);  // stage st at kv_base + st * S::stage_bytes
+  // P of the tile in stage st: the dead rope slice of that stage (D = 576), else a slice of its own.
+  auto p_slot = [&](int st) -> unsigned char* {
+    return D > kDimV ? sm.kv + st * S::stage_bytes + kDimV / 64 * kSliceBytes : sm.p + st * kSliceBytes;
+  };
+  int uses0 = 0, uses1 = 0;  // fills of stage 0 / 1 consumed so far (the producer counts alike)
+  for (int b = begin_batch; b <= end_batch; ++b) {
+    const Piece pc = piece_of(p, md, b);
+    const int num_tiles = pc.num_tiles();
+    if (num_tiles > 0) {
+      load_q<D, T>(p, q_addr, ctid, b, hk, row_base, l2_policy);
+      cp_async_wait_all();
+      fence_proxy_async();
+      consumer_sync();
+    }
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    int last_visible[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row_base + row_lo + 8 * h;
+      last_visible[h] = p.causal ? pc.seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : pc.seqlen - 1;
+    }
+
+    for (int t2 = 0; t2 < num_tiles; t2 += 2) {
+      const bool has_b = t2 + 1 < num_tiles;
+      const int use_a = uses0++;
+      const int use_b = has_b ? uses1++ : 0;
+      // This warpgroup's own tile (t2 + cw, in stage cw): S, mask, row maxima.
+      float s[32];
+      float tile_max[2] = {-INFINITY, -INFINITY};
+      if (cw == 0 || has_b) {
+        const int t0 = pc.t_begin + (t2 + cw) * kTokens;
+        mbar_wait(sm.full_bar + 8 * cw, (cw == 0 ? use_a : use_b) & 1);
+        if (args.use_tma && t0 + kTokens > pc.t_end) {
+          // The other warpgroup reads these V rows only after this one's handshake barrier.
+          clear_dead_v(sm.kv + cw * S::stage_bytes, pc.t_end - t0, ctid % 128, 128);
+          fence_proxy_async();
+          if (cw == 0)
+            named_sync<kBarWarpgroup>(128);
+          else
+            named_sync<kBarWarpgroup + 1>(128);
+        }
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s[i] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int slice = 0; slice < S::kSlices; ++slice) {
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            const uint64_t da = make_desc(q_addr + slice * kSliceBytes + kk * 32, 16, 1024);
+            const uint64_t db = make_desc(kv_base + cw * S::stage_bytes + slice * kSliceBytes + kk * 32, 16, 1024);
+            wgmma_m64n64k16<T>(s, da, db);
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        // s[4j + e]: token 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
+        const unsigned char* valid = sm.valid + cw * kTokens;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int jt = j * 8 + (lane % 4) * 2 + (e & 1);
+            const int h = e / 2;
+            const bool ok = valid[jt] && t0 + jt <= last_visible[h];
+            s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
+            tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
+          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
+        }
+      }
+      // The own tile's softmax against the current m: moves m (lazily, warp-uniform), writes P to
+      // registers (wgmma A fragments) and to this stage's P slot, publishes the new m, adds to l.
+      uint32_t pf[16];  // [k16 step kt][4]: rows row_lo / row_lo + 8, tokens 16 kt + 2 (lane % 4) + {0, 1, 8, 9}
+      float step[2];    // factor O and l take on this step: 2^(m_old - m_new)
+      auto own_softmax = [&](float* sm_row) {
+        float m_new[2];
+        bool grew = false;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          m_new[h] = fmaxf(m[h], tile_max[h]);
+          grew |= max_grew(m_new[h], m[h], p.rescale_threshold);
+        }
+        const bool move = __any_sync(0xffffffff, grew);
+        float psum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (!move) m_new[h] = m[h];
+          step[h] = exp2f(m[h] - ref_base(m_new[h]));
+          m[h] = m_new[h];
+        }
+        unsigned char* slot = p_slot(cw);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float base = ref_base(m[h]);
+            const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
+            psum[h] += p0 + p1;
+            const uint32_t packed = pack_pair<T>(p0, p1);
+            pf[(j / 2) * 4 + (j % 2) * 2 + h] = packed;
+            *reinterpret_cast<uint32_t*>(slot + swizzled(row_lo + 8 * h, j) + (lane % 4) * 4) = packed;
+          }
+        }
+        if (lane % 4 == 0) {
+          sm_row[row_lo] = m[0];
+          sm_row[row_lo + 8] = m[1];
+        }
+        fence_proxy_async();  // generic stores to the P slot -> the other warpgroup's wgmma reads
+#pragma unroll
+        for (int h = 0; h < 2; ++h) l[h] = l[h] * step[h] + psum[h];
+        return move;
+      };
+      // The other warpgroup's published m for this step: moves m, rescales O and l.
+      auto follow = [&](const float* sm_row) {
+        bool any = false;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float m_new = sm_row[row_lo + 8 * h];
+          step[h] = exp2f(m[h] - ref_base(m_new));
+          any |= step[h] != 1.f;
+          m[h] = m_new;
+          l[h] *= step[h];
+        }
+        return __any_sync(0xffffffff, any);
+      };
+      // O[:, 256 cw : +256] += P V of stage st, P from registers (pf) or from the stage's P slot.
+      auto pv = [&](int st, bool p_in_registers) {
+        wgmma_fence();
+#pragma unroll
+        for (int kt = 0; kt < kTokens / 16; ++kt) {
+          const uint64_t db =
+              make_desc(kv_base + st * S::stage_bytes + (4 * cw) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
+          if (p_in_registers) {
+            const uint32_t a[4] = {pf[4 * kt], pf[4 * kt + 1], pf[4 * kt + 2], pf[4 * kt + 3]};
+            wgmma_m64n256k16_rs<T>(o, a, db);
+          } else {
+            wgmma_m64n256k16<T>(o, make_desc(smem_u32(p_slot(st)) + kt * 32, 16, 1024), db);
+          }
+        }
+        wgmma_commit();
+      };
+      auto release = [&](int st) {
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(sm.empty_bar + 8 * st);  // this warp is done with the stage
+      };
+
+      if (cw == 0) {
+        const bool rescale = own_softmax(sM);
+        named_arrive<kBarTileA>(kConsumerThreads);
+        if (rescale) rescale_o(o, step);
+        pv(0, true);
+        named_sync<kBarTileB>(kConsumerThreads);
+        if (has_b) {
+          const bool rescale = follow(sM + kRows);
+          release(0);
+          if (rescale) rescale_o(o, step);
+          pv(1, false);
+          release(1);
+        } else {
+          release(0);
+        }
+      } else {
+        named_sync<kBarTileA>(kConsumerThreads);
+        if (follow(sM)) rescale_o(o, step);
+        pv(0, false);
+        if (has_b) {
+          const bool rescale = own_softmax(sM + kRows);
+          named_arrive<kBarTileB>(kConsumerThreads);
+          release(0);
+          if (rescale) rescale_o(o, step);
+          pv(1, true);
+          release(1);
+        } else {
+          named_arrive<kBarTileB>(kConsumerThreads);
+          release(0);
+        }
+      }
+    }
+
+    // Row sums: add the lanes' and the two warpgroups' shares, then write.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
+      l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
+    }
+    if (lane % 4 == 0) {
+      sL[cw * kRows + row_lo] = l[0];
+      sL[cw * kRows + row_lo + 8] = l[1];
+    }
+    consumer_sync();
+    const float total[2] = {sL[row_lo] + sL[kRows + row_lo], sL[row_lo + 8] + sL[kRows + row_lo + 8]};
+    store_rows<T>(p, pc, b, hk, row_base, row_lo, cw, lane, o, m, total);
+    consumer_sync();  // sQ and the stats are reused by the next sequence
+  }
+}
+
+template <typename T, int D, bool kSeesaw>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists only in the sm_90a pass of the build
-  using S = Smem<D>;
+  using S = Smem<D, kSeesaw>;
   using DT = Dtype<T>;
   const DecodeParams& p = args.p;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -244,6 +616,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + S::stats_bytes;  // [stage][token]
   const uint32_t full_bar = smem_u32(sValid + S::valid_bytes);                        // kStages x 8 bytes
   const uint32_t empty_bar = full_bar + kStages * 8;
+  const SmemRegions regions{sQ, sKV, sP, sStats, sValid, full_bar, empty_bar};
 
   pdl_allow_dependents();  // the combine kernel may launch now; it waits for this grid (pdl.cuh)
   const int tid = threadIdx.x;
@@ -268,15 +641,22 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   // Roles are the two branches of one if/else, so that setmaxnreg applies (see HOPPER.md).
   if (tid < 128) {
     // ----------------------------------------------------------------------------- producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
+    // Seesaw consumers hold S (32) and P (16) beside O (128): 40 / 232 (128 x 40 + 256 x 232 <= 64 Ki).
+    if constexpr (kSeesaw)
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    else
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
     if (args.use_tma && tid >= 32) return;
     int it = 0;
+    int uses0 = 0, uses1 = 0;  // seesaw: fills of stage 0 / 1 so far
     for (int b = begin_batch; b <= end_batch; ++b) {
       const Piece pc = piece_of(p, md, b);
       const int* table = p.block_table + int64_t(b) * p.block_table_stride;
       for (int tile = 0; tile < pc.num_tiles(); ++tile, ++it) {
-        const int stage = it % kStages;
-        if (it >= kStages) mbar_wait(empty_bar + 8 * stage, ((it / kStages) + 1) & 1);
+        // Split schedule: the ring runs on across pieces. Seesaw: tile 2k in stage 0, 2k + 1 in stage 1.
+        const int stage = kSeesaw ? tile % kStages : it % kStages;
+        const int use = !kSeesaw ? it / kStages : stage == 0 ? uses0++ : uses1++;
+        if (use >= 1) mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
         const int t0 = pc.t_begin + tile * kTokens;
         const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
         unsigned char* valid = sValid + stage * kTokens;
@@ -317,6 +697,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
     }
   } else {
     // ----------------------------------------------------------------------------- consumers
+    if constexpr (kSeesaw) {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+      seesaw_consumers<T, D>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
+    } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
     const int ctid = tid - 128;  // 0..255
     const int cw = ctid / 128;   // consumer warpgroup: token half for S, channel half for O
@@ -327,13 +711,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       const Piece pc = piece_of(p, md, b);
       const int num_tiles = pc.num_tiles();
       if (num_tiles > 0) {
-        gather_rows<D, kConsumerThreads>(smem_u32(sQ), ctid, static_cast<const T*>(p.q), l2_policy,
-                                         [&](int r) -> const T* {
-                                           const int row = row_base + r;
-                                           if (row >= p.rows_per_head_k) return nullptr;
-                                           return static_cast<const T*>(p.q) + b * p.q_stride_b +
-                                                  (row / g) * p.q_stride_s + (hk * g + row % g) * p.q_stride_h;
-                                         });
+        load_q<D, T>(p, smem_u32(sQ), ctid, b, hk, row_base, l2_policy);
         cp_async_wait_all();
         fence_proxy_async();
         consumer_sync();
@@ -357,13 +735,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         const unsigned char* valid = sValid + stage * kTokens;
         mbar_wait(full_bar + 8 * stage, (it / kStages) & 1);
         if (args.use_tma && t0 + kTokens > pc.t_end) {
-          // TMA brought whole pages: clear the V rows of tokens past the piece (they may hold NaN,
-          // and P = 0 times NaN is NaN). Channels past 512 only meet masked scores.
-          const int first_dead = pc.t_end - t0;
-          for (int idx = ctid; idx < (kTokens - first_dead) * (kDimV / 8); idx += kConsumerThreads) {
-            const int r = first_dead + idx / (kDimV / 8), c = idx % (kDimV / 8);
-            *reinterpret_cast<uint4*>(stage_ptr + (c / 8) * kSliceBytes + swizzled(r, c % 8)) = make_uint4(0, 0, 0, 0);
-          }
+          clear_dead_v(stage_ptr, pc.t_end - t0, ctid, kConsumerThreads);
           fence_proxy_async();
           consumer_sync();
         }
@@ -477,36 +849,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         sStats[cw * kRows + row_lo + 8] = row_sum[1];
       }
       consumer_sync();
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = row_lo + 8 * h;
-        const float total = sStats[r] + sStats[kRows + r];
-        const int row = row_base + r;
-        if (row >= p.rows_per_head_k) continue;
-        const bool empty = total == 0.f;
-        const float inv = empty ? 0.f : 1.f / total;
-        const float lse = empty ? (pc.whole ? INFINITY : -INFINITY) : (row_max[h] + log2f(total)) * kLn2;
-        const int qi = row / g, head = hk * g + row % g;
-        // o[4 j + 2 h + {0,1}] holds channels 256 cw + 8 j + 2 (lane % 4) + {0,1}.
-        const int col0 = cw * 256 + (lane % 4) * 2;
-        if (pc.whole) {
-          T* dst = static_cast<T*>(p.out) + ((int64_t(b) * p.seqlen_q + qi) * p.num_heads_q + head) * kDimV + col0;
-#pragma unroll
-          for (int j = 0; j < 32; ++j)
-            *reinterpret_cast<typename DT::pair*>(dst + 8 * j) =
-                DT::make_pair(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-          if (cw == 0 && lane % 4 == 0) p.lse[(int64_t(b) * p.num_heads_q + head) * p.seqlen_q + qi] = lse;
-        } else {
-          const int64_t prow = (int64_t(pc.split_row) * p.num_heads_k + hk) * p.rows_per_head_k + row;
-          float* dst = p.partial_out + prow * kDimV + col0;
-          const uint64_t policy = partials_l2_policy(p.partials_in_l2);
-#pragma unroll
-          for (int j = 0; j < 32; ++j)
-            store_float2_policy(dst + 8 * j, o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv, policy);
-          if (cw == 0 && lane % 4 == 0) p.partial_lse[prow] = lse;
-        }
-      }
+      const float total[2] = {sStats[row_lo] + sStats[kRows + row_lo], sStats[row_lo + 8] + sStats[kRows + row_lo + 8]};
+      store_rows<T>(p, pc, b, hk, row_base, row_lo, cw, lane, o, row_max, total);
       consumer_sync();  // sQ and sStats are reused by the next sequence
+    }
     }
   }
 #endif

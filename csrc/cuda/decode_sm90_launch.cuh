@@ -54,10 +54,18 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  auto kernel = mla_decode_sm90_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::total));
-  kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, Smem<D>::total, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto run = [&](auto seesaw) {
+    constexpr bool kSeesaw = decltype(seesaw)::value;
+    constexpr int smem_bytes = Smem<D, kSeesaw>::total;
+    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, smem_bytes, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (p.sm90_seesaw)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
 }
 
 template <typename T>
