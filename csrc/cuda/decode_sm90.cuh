@@ -59,7 +59,10 @@ struct Smem {
   static constexpr int p_bytes = !kSeesaw ? kSliceBytes : (D > kDimV ? 0 : kStages * kSliceBytes);
   static constexpr int stats_bytes = (kSeesaw ? 4 : 2) * kRows * sizeof(float);
   static constexpr int valid_bytes = kStages * kTokens;
-  static constexpr int barrier_bytes = 2 * kStages * 8;
+  // Full barriers per stage: the seesaw has one per 64-channel slice (its S wgmma starts on the first
+  // slice that lands), the split schedule one per stage.
+  static constexpr int full_per_stage = kSeesaw ? kSlices : 1;
+  static constexpr int barrier_bytes = (full_per_stage + 1) * kStages * 8;
   static constexpr int total = q_bytes + kStages * stage_bytes + p_bytes + stats_bytes + valid_bytes + barrier_bytes +
                                1024;  // slack to align the start to 1024 bytes
 };
@@ -358,7 +361,7 @@ struct SmemRegions {
   unsigned char* p;        // P tile(s), where they have a region of their own
   float* stats;            // per-row values exchanged between the consumer warpgroups
   unsigned char* valid;    // [stage][token]: the token exists (written by the producer)
-  uint32_t full_bar, empty_bar;  // kStages mbarriers each
+  uint32_t full_bar, empty_bar;  // kStages x Smem::full_per_stage, kStages mbarriers
 };
 
 // Packs P values (fp32, this thread's accumulator layout) into a 16-bit pair register.
@@ -431,21 +434,13 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
       float tile_max[2] = {-INFINITY, -INFINITY};
       if (cw == 0 || has_b) {
         const int t0 = pc.t_begin + (t2 + cw) * kTokens;
-        mbar_wait(sm.full_bar + 8 * cw, (cw == 0 ? use_a : use_b) & 1);
-        if (args.use_tma && t0 + kTokens > pc.t_end) {
-          // The other warpgroup reads these V rows only after this one's handshake barrier.
-          clear_dead_v(sm.kv + cw * S::stage_bytes, pc.t_end - t0, ctid % 128, 128);
-          fence_proxy_async();
-          if (cw == 0)
-            named_sync<kBarWarpgroup>(128);
-          else
-            named_sync<kBarWarpgroup + 1>(128);
-        }
+        const uint32_t parity = (cw == 0 ? use_a : use_b) & 1;
 #pragma unroll
         for (int i = 0; i < 32; ++i) s[i] = 0.f;
-        wgmma_fence();
 #pragma unroll
         for (int slice = 0; slice < S::kSlices; ++slice) {
+          mbar_wait(sm.full_bar + 8 * (cw * S::full_per_stage + slice), parity);
+          wgmma_fence();  // after each wait: else ptxas serializes the wgmmas (C7520, the wait is a branch)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
             const uint64_t da = make_desc(q_addr + slice * kSliceBytes + kk * 32, 16, 1024);
@@ -455,6 +450,16 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         }
         wgmma_commit();
         wgmma_wait<0>();
+        if (args.use_tma && t0 + kTokens > pc.t_end) {
+          // Every slice has landed. The other warpgroup reads these V rows only after this one's
+          // handshake barrier.
+          clear_dead_v(sm.kv + cw * S::stage_bytes, pc.t_end - t0, ctid % 128, 128);
+          fence_proxy_async();
+          if (cw == 0)
+            named_sync<kBarWarpgroup>(128);
+          else
+            named_sync<kBarWarpgroup + 1>(128);
+        }
         // s[4j + e]: token 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
         const unsigned char* valid = sm.valid + cw * kTokens;
 #pragma unroll
@@ -555,15 +560,12 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         named_arrive<kBarTileA>(kConsumerThreads);
         if (rescale) rescale_o(o, step);
         pv(0, true);
+        release(0);  // before waiting for tile B: the producer refills stage 0 sooner
         named_sync<kBarTileB>(kConsumerThreads);
         if (has_b) {
-          const bool rescale = follow(sM + kRows);
-          release(0);
-          if (rescale) rescale_o(o, step);
+          if (follow(sM + kRows)) rescale_o(o, step);
           pv(1, false);
           release(1);
-        } else {
-          release(0);
         }
       } else {
         named_sync<kBarTileA>(kConsumerThreads);
@@ -614,8 +616,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   unsigned char* sP = sKV + kStages * S::stage_bytes;
   float* sStats = reinterpret_cast<float*>(sP + S::p_bytes);                          // [2 consumers][64 rows]
   unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + S::stats_bytes;  // [stage][token]
-  const uint32_t full_bar = smem_u32(sValid + S::valid_bytes);                        // kStages x 8 bytes
-  const uint32_t empty_bar = full_bar + kStages * 8;
+  const uint32_t full_bar = smem_u32(sValid + S::valid_bytes);  // [stage][S::full_per_stage], 8 bytes each
+  const uint32_t empty_bar = full_bar + kStages * S::full_per_stage * 8;
   const SmemRegions regions{sQ, sKV, sP, sStats, sValid, full_bar, empty_bar};
 
   pdl_allow_dependents();  // the combine kernel may launch now; it waits for this grid (pdl.cuh)
@@ -631,7 +633,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full_bar + 8 * s, args.use_tma ? 1 : 128);
+      for (int f = 0; f < S::full_per_stage; ++f) mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : 128);
       mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -668,13 +670,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           valid[tid + 32] = block_ok && t0 + tid + 32 < pc.t_end;
           __syncwarp();
           if (tid == 0) {
-            mbar_arrive_expect_tx(full_bar + 8 * stage, S::stage_bytes);
+            const uint32_t stage_full = full_bar + 8 * stage * S::full_per_stage;
+            if constexpr (!kSeesaw) mbar_arrive_expect_tx(stage_full, S::stage_bytes);
             // Out-of-range ids become an out-of-bounds box: zeros, no fault.
             const int block_coord = block_ok ? block : p.num_blocks;
 #pragma unroll
-            for (int slice = 0; slice < S::kSlices; ++slice)
+            for (int slice = 0; slice < S::kSlices; ++slice) {
+              const uint32_t bar = kSeesaw ? stage_full + 8 * slice : stage_full;
+              if constexpr (kSeesaw) mbar_arrive_expect_tx(bar, kSliceBytes);
               tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk, block_coord,
-                          full_bar + 8 * stage, l2_policy);
+                          bar, l2_policy);
+            }
           }
         } else {
           gather_rows<D, 128>(dst, tid, static_cast<const T*>(p.k_cache), l2_policy, [&](int j) -> const T* {
@@ -691,7 +697,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           });
           cp_async_wait_all();
           fence_proxy_async();  // this thread's cp.async writes -> the consumers' wgmma reads
-          mbar_arrive(full_bar + 8 * stage);
+          for (int f = 0; f < S::full_per_stage; ++f) mbar_arrive(full_bar + 8 * (stage * S::full_per_stage + f));
         }
       }
     }
@@ -733,7 +739,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         unsigned char* stage_ptr = sKV + stage * S::stage_bytes;
         const uint32_t kv_addr = smem_u32(stage_ptr);
         const unsigned char* valid = sValid + stage * kTokens;
-        mbar_wait(full_bar + 8 * stage, (it / kStages) & 1);
+        mbar_wait(full_bar + 8 * stage * S::full_per_stage, (it / kStages) & 1);
         if (args.use_tma && t0 + kTokens > pc.t_end) {
           clear_dead_v(stage_ptr, pc.t_end - t0, ctid, kConsumerThreads);
           fence_proxy_async();
