@@ -247,15 +247,16 @@ def test_partials_in_l2_switch(monkeypatch, kernel, num_heads_q, head_dim_v):
      (96, 1, 576, 128, False, None), (16, 3, 576, 16, True, None), (128, 1, 512, 64, False, None),
      (32, 1, 512, 32, False, 1.0), (1, 1, 576, 64, False, None)],
 )  # fmt: skip
-def test_hopper_schedules_agree(monkeypatch, dtype, num_heads_q, seq_len_q, head_dim, page_block_size, causal,
-                                softmax_scale):
+def test_hopper_schedules_agree(
+    monkeypatch, dtype, num_heads_q, seq_len_q, head_dim, page_block_size, causal, softmax_scale
+):
     """The Hopper kernel's two consumer schedules (FLASHMLA_SM90_SEESAW: seesaw = each warpgroup the
     scores of every other 64-token tile; 0 = both split each tile by tokens) on the same inputs: varlen
     with an empty row and odd tile counts (a last pair of one tile), NaN past every length, TMA pages
     (64, 128) and cp.async gathers (16, 32), head_dim 576 (P in the dead rope slice) and 512 (P slots of
     their own), causal s_q > 1, softmax_scale=1 (maxima jump mid-sequence: the lazy rescale's moves on
     both warpgroups). Both match the float64 reference and each other; the seesaw is bitwise
-    deterministic; a bad value raises."""
+    deterministic; the default is the seesaw above 64 query rows, else split; a bad value raises."""
     inp = make_decode_inputs(
         batch=6,
         seq_len_q=seq_len_q,
@@ -279,5 +280,10 @@ def test_hopper_schedules_agree(monkeypatch, dtype, num_heads_q, seq_len_q, head
     again = run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90", FLASHMLA_SM90_SEESAW="1")
     assert_bitwise_equal(again[0], seesaw[0])
     assert_bitwise_equal(again[1], seesaw[1])
+    # Unset: the seesaw above 64 query rows per KV head (mla_cuda.cu kSeesawMinRows), else split.
+    default = run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90", FLASHMLA_SM90_SEESAW="")
+    expected = seesaw if num_heads_q * seq_len_q > 64 else split
+    assert_bitwise_equal(default[0], expected[0])
+    assert_bitwise_equal(default[1], expected[1])
     with pytest.raises(RuntimeError, match="FLASHMLA_SM90_SEESAW must be 0 or 1"):
         run_with(monkeypatch, inp, FLASHMLA_SM90_SEESAW="2")
