@@ -16,6 +16,8 @@ Usage:
   python benchmarks/bench_decode.py --out out/bench                  # the 32-row grid
   python benchmarks/bench_decode.py --rows all --out out/bench       # grid + extra rows
   python benchmarks/bench_decode.py --quick                          # a few rows
+  python benchmarks/bench_decode.py --rerender out/bench/results.json --out out/bench  # no GPU: rebuild the
+                                                                     # tables (card ceilings, FLASHMLA_COMMIT)
   python benchmarks/bench_decode.py --dry-run --rows all --out /tmp/b  # no GPU: rows, formulas, anchors,
                                                                      # tables/plot from FAKE times, CPU smoke
 Writes results.json, results.md (the table for BENCHMARKS.md) and plot.png into --out.
@@ -102,9 +104,9 @@ def select_rows(which: str, quick: bool, b: int) -> List[Row]:
 # --------------------------------------------------------------------------------------------------
 
 
-def fake_us(n_flops: float, n_bytes: float) -> float:
+def fake_us(n_flops: float, n_bytes: float, ceil: Dict) -> float:
     """--dry-run's stand-in time: a roofline at 90% of the copy ceiling / 70% of the matmul ceiling + 5 us."""
-    return max(n_bytes / (0.9 * C.CEILING_GBS * 1e9), n_flops / (0.7 * C.CEILING_TFLOPS * 1e12)) * 1e6 + 5.0
+    return max(n_bytes / (0.9 * ceil["gbs"] * 1e9), n_flops / (0.7 * ceil["tflops"] * 1e12)) * 1e6 + 5.0
 
 
 def evaluate_targets(rec: Dict) -> List[str]:
@@ -146,18 +148,19 @@ def base_record(row: Row, anchors: Dict) -> Dict:
     return rec
 
 
-def finish_record(rec: Dict, us: float) -> Dict:
+def finish_record(rec: Dict, us: float, ceil: Dict) -> Dict:
+    """Rates, percent of the card's ceilings (C.ceilings_for), ratios to the anchors, target misses."""
     rec["us"] = us
     rec["tflops"], rec["gbs"] = C.rates(us, rec["flops"], rec["bytes"])
-    rec["pct_bw"] = 100.0 * rec["gbs"] / C.CEILING_GBS
-    rec["pct_flops"] = 100.0 * rec["tflops"] / C.CEILING_TFLOPS
+    rec["pct_bw"] = 100.0 * rec["gbs"] / ceil["gbs"]
+    rec["pct_flops"] = 100.0 * rec["tflops"] / ceil["tflops"]
     rec["vs_flashmla"] = rec["flashmla_us"] / us if rec["flashmla_us"] else None
     rec["vs_triton4"] = rec["triton4_us"] / us if rec["triton4_us"] else None
     rec["target_misses"] = evaluate_targets(rec)
     return rec
 
 
-def run_row(row: Row, anchors: Dict, args, kwargs: dict) -> Dict:
+def run_row(row: Row, anchors: Dict, args, kwargs: dict, ceil: Dict) -> Dict:
     rec = base_record(row, anchors)
     rec.update(status="ok", us=None)
     graph = None
@@ -199,7 +202,7 @@ def run_row(row: Row, anchors: Dict, args, kwargs: dict) -> Dict:
         if not check["ok"]:
             rec.update(status="check failed", us_unverified=us)
         else:
-            finish_record(rec, us)
+            finish_record(rec, us, ceil)
     except Exception as e:
         rec.update(
             status=f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
@@ -212,10 +215,10 @@ def run_row(row: Row, anchors: Dict, args, kwargs: dict) -> Dict:
     return rec
 
 
-def dry_row(row: Row, anchors: Dict) -> Dict:
+def dry_row(row: Row, anchors: Dict, ceil: Dict) -> Dict:
     rec = base_record(row, anchors)
     rec.update(status="ok (FAKE time)", timer="fake", check={"ok": None})
-    return finish_record(rec, fake_us(rec["flops"], rec["bytes"]))
+    return finish_record(rec, fake_us(rec["flops"], rec["bytes"], ceil), ceil)
 
 
 def cpu_smoke(rows: List[Row], kwargs: dict) -> List[Dict]:
@@ -276,7 +279,9 @@ def markdown(meta: Dict, records: List[Dict]) -> str:
         "",
         f"b=128 (unless noted), d=576, dv=512, h_kv=1, causal; lengths fixed = s_k, varlen ~ max(N(s_k, s_k/2), s_q) "
         f"(random.seed(0) per row). FLOPs = 2·s_q·Σlen·h_q·(d+dv), bytes = 2·(Σlen·h_kv·d + b·s_q·h_q·(d+dv)). "
-        f"Ceilings {C.CEILING_GBS:.0f} GB/s, {C.CEILING_TFLOPS:.0f} TFLOP/s. FlashMLA / Triton (vLLM, 4 KV splits): "
+        f"Ceilings ({meta['ceilings']['card']}) {meta['ceilings']['gbs']:.0f} GB/s, {meta['ceilings']['tflops']:.0f} "
+        f"TFLOP/s; targets (DESIGN §6, set on the H100) >= {C.TARGET_MEMBOUND_GBS:.0f} GB/s / "
+        f"{C.TARGET_COMPUTEBOUND_TFLOPS:.0f} TFLOP/s. FlashMLA / Triton (vLLM, 4 KV splits): "
         f"anchors measured on H100 80GB HBM3 ({', '.join(Path(p).name for p in meta['anchor_paths'].values() if p)}). "
         f"Build: `{json.dumps(meta.get('build_info'))}`; kernel: {meta.get('kernel', 'auto')}; "
         f"torch {meta['torch']}; commit {meta.get('git_commit') or '?'}; {meta['date']}.",
@@ -336,7 +341,7 @@ def summarize(records: List[Dict]) -> Dict:
     }
 
 
-def plot(records: List[Dict], path: Path, title: str) -> Optional[str]:
+def plot(records: List[Dict], path: Path, title: str, ceil: Dict) -> Optional[str]:
     """Bars per row, ours vs FlashMLA vs Triton: GB/s (top, copy ceiling) and TFLOP/s (bottom, matmul ceiling)."""
     try:
         import matplotlib
@@ -350,8 +355,8 @@ def plot(records: List[Dict], path: Path, title: str) -> Optional[str]:
     width = 0.27
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.45 * len(records) + 3), 9), sharex=True)
     for ax, unit, key, ceiling in (
-        (axes[0], "GB/s", "gbs", C.CEILING_GBS),
-        (axes[1], "TFLOP/s", "tflops", C.CEILING_TFLOPS),
+        (axes[0], "GB/s", "gbs", ceil["gbs"]),
+        (axes[1], "TFLOP/s", "tflops", ceil["tflops"]),
     ):
         series = (
             ("ours", key, "tab:green"),
@@ -398,6 +403,39 @@ def git_commit() -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def write_outputs(meta: Dict, records: List[Dict], out_dir: Optional[str]) -> None:
+    """Prints the markdown table; with out_dir, writes results.json, results.md and plot.png there."""
+    md = markdown(meta, records)
+    print()
+    print(md)
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.json", "w") as f:
+            json.dump({"meta": meta, "rows": records}, f, indent=1)
+        (out / "results.md").write_text(md)
+        title = f"MLA decode, {meta['device_name']}, bf16" + (" (FAKE times)" if meta.get("dry_run") else "")
+        msg = plot(records, out / "plot.png", title, meta["ceilings"])
+        print(msg or f"wrote {out / 'plot.png'}")
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
+
+
+def rerender(results_json: str, out_dir: Optional[str]) -> int:
+    """Rebuilds the tables and plot of a results.json (no GPU): the card's ceilings from C.ceilings_for,
+    the commit from $FLASHMLA_COMMIT when set (a tree copied to the GPU machine may carry a stale .git)."""
+    data = json.loads(Path(results_json).read_text())
+    meta, records = data["meta"], data["rows"]
+    meta["ceilings"] = C.ceilings_for(meta["device_name"])
+    if os.environ.get("FLASHMLA_COMMIT"):
+        meta["git_commit"] = os.environ["FLASHMLA_COMMIT"]
+    for rec in records:
+        if rec.get("us") is not None:
+            finish_record(rec, rec["us"], meta["ceilings"])
+    meta["summary"] = summarize(records)
+    write_outputs(meta, records, out_dir)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", choices=("grid", "extra", "all"), default="grid")
@@ -420,7 +458,15 @@ def main(argv=None) -> int:
     p.add_argument(
         "--dry-run", action="store_true", help="no GPU: FAKE times, plus a CPU smoke test of the pipeline"
     )
+    p.add_argument(
+        "--rerender",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="no run: rebuild the tables of a results.json into --out",
+    )
     args = p.parse_args(argv)
+    if args.rerender:
+        return rerender(args.rerender, args.out)
 
     C.set_kernel_env(args.kernel)
     anchors = C.load_anchors(args.anchors)
@@ -476,7 +522,7 @@ def main(argv=None) -> int:
         "git_commit": git_commit(),
         "anchor_paths": anchors["paths"],
         "anchor_problems": problems,
-        "ceilings": {"gbs": C.CEILING_GBS, "tflops": C.CEILING_TFLOPS},
+        "ceilings": C.ceilings_for(device_name),
         "formulas": {
             "flops": "2*s_q*sum(seqlens)*h_q*(d+dv)",
             "bytes": "2*(sum(seqlens)*h_kv*d + b*s_q*h_q*(d+dv))",
@@ -489,7 +535,8 @@ def main(argv=None) -> int:
 
     records = []
     for i, row in enumerate(rows):
-        rec = dry_row(row, anchors) if args.dry_run else run_row(row, anchors, args, kwargs)
+        ceil = meta["ceilings"]
+        rec = dry_row(row, anchors, ceil) if args.dry_run else run_row(row, anchors, args, kwargs, ceil)
         records.append(rec)
         shown = (
             f"{rec['us']:8.1f} us {rec['tflops']:6.0f} TFLOP/s {rec['gbs']:6.0f} GB/s"
@@ -511,22 +558,7 @@ def main(argv=None) -> int:
         for s in bad:
             print(f"  FAILED: {s}", file=sys.stderr)
 
-    md = markdown(meta, records)
-    print()
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "results.json", "w") as f:
-            json.dump({"meta": meta, "rows": records}, f, indent=1)
-        (out / "results.md").write_text(md)
-        msg = plot(
-            records,
-            out / "plot.png",
-            f"MLA decode, {device_name}, bf16" + (" (FAKE times)" if args.dry_run else ""),
-        )
-        print(msg or f"wrote {out / 'plot.png'}")
-        print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
+    write_outputs(meta, records, args.out)
     failed = [r for r in records if r.get("us") is None]
     smoke_bad = [s for s in meta.get("cpu_smoke", []) if not s["check"]["ok"]]
     return 1 if failed or smoke_bad else 0

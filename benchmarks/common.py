@@ -35,9 +35,20 @@ HEAD_DIM = 576  # d: 512 latent + 64 rope
 HEAD_DIM_V = 512  # dv
 NUM_HEADS_K = 1  # h_kv
 
-# Measured ceilings of an H100 80GB HBM3 (DESIGN §6 / GPU.md)
-CEILING_GBS = 3004.0  # device copy, read + write
-CEILING_TFLOPS = 792.0  # bf16 matmul 8192^3
+# Measured ceilings per card: device copy (GB/s, read + write) and bf16 matmul 8192^3 (TFLOP/s).
+# H100 80GB HBM3: DESIGN §6 / GPU.md (2026-11); H200: scripts/ceilings.py on the device machine
+# (benchmarks/results/h200_2026-12-01_ceilings.json).
+CEILINGS = {"H200": (4224.9, 791.1), "H100": (3004.0, 792.0)}
+
+
+def ceilings_for(device_name: str) -> Dict[str, object]:
+    """The ceilings of the card named `device_name` (matched by CEILINGS key), else the H100's, saying so."""
+    for card, (gbs, tflops) in CEILINGS.items():
+        if card in device_name:
+            return {"card": card, "gbs": gbs, "tflops": tflops}
+    gbs, tflops = CEILINGS["H100"]
+    return {"card": "H100 (no figures for this card)", "gbs": gbs, "tflops": tflops}
+
 
 # DESIGN §6 targets
 TARGET_MEMBOUND_GBS = 2700.0  # rows with h_q * s_q <= 64

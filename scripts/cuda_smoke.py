@@ -121,6 +121,7 @@ def main():
     ok &= check(4, 2, 6, 2, 40, 24, 1, 33, True, torch.float16)
     ok &= check(3, 5, 4, 2, 72, 72, 16, 90, True)
     ok &= check(2, 1, 16, 1, 576, 512, 64, 200, False)
+    ok &= check(2, 1, 128, 1, 576, 512, 64, 300, True)  # two row tiles: the Hopper kernel's seesaw schedule
     if not small:
         ok &= check(4, 1, 16, 1, 576, 512, 64, 3000, False)
         ok &= check(4, 2, 64, 1, 576, 512, 64, 2000, True)

@@ -4,7 +4,8 @@
 #   scripts/gpu_run.sh [stage ...]   stages: ceilings build tune sched ab smoke tests aoti sanitize profile bench
 #                                    (default: all but tune, sched, ab and profile; a 10-minute call
 #                                    fits `build smoke tests bench`, then `build aoti sanitize`)
-# Carry .whl (wheels the GPU image lacks: expecttest) with the call.
+# Carry .whl (wheels the GPU image lacks: expecttest) with the call. The tree copied to the GPU machine
+# may carry a stale .git: pass FLASHMLA_COMMIT=<commit> so the benchmark tables name the right one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL_OUT=${OUT:-$PWD/out}

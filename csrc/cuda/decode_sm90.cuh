@@ -7,8 +7,10 @@
 //     (a tile is 64 consecutive tokens of one page; 64-channel boxes land pre-swizzled; an
 //     out-of-range block id is an out-of-bounds box, which TMA fills with zeros). Other page sizes:
 //     all 128 threads gather the tile token by token with cp.async (zeros where masked).
-//     full[stage] says a tile landed, empty[stage] that the consumers are done with it.
-//   consumers (warpgroups 1, 2 = cw 0, 1): per tile,
+//     full[stage] says a tile landed (seesaw: full[stage][slice], one per 64-channel slice),
+//     empty[stage] that the consumers are done with it.
+//   consumers (warpgroups 1, 2 = cw 0, 1), one of two schedules (kSeesaw; mla_cuda.cu picks):
+//   seesaw (seesaw_consumers, below): each computes the whole S of every other tile. Split, per tile:
 //     cw:  S_cw = Q K[32 cw : 32 cw + 32]^T                 (wgmma m64n32k16, K-major smem)
 //     row max over both halves through shared memory; P = 2^(S*scale*log2e - m) -> sP
 //     cw:  O[:, 256 cw : +256] += P V[:, 256 cw : +256]      (wgmma m64n256k16; V read in place
@@ -209,12 +211,18 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, u
 // S (64 x 64, fp32) += A (64 x 16, K-major smem) * B (64 x 16, K-major smem)^T
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t da, uint64_t db) {
-#define FLASHMLA_WGMMA_N64(TY)                                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                          \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "                          \
-               "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"       \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-               : "l"(da), "l"(db))
+#define FLASHMLA_WGMMA_N64(TY)                                                                                       \
+  asm volatile(                                                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                                     \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                                        \
+      " "                                                                                                            \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%" \
+      "29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                   \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),       \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),      \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                    \
+      : "l"(da), "l"(db))
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
     FLASHMLA_WGMMA_N64("bf16");
   else
@@ -226,12 +234,35 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t da, uin
 //                       * B (16 x 256, MN-major smem)
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t db) {
-#define FLASHMLA_WGMMA_N256_RS(TY)                                                                   \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                          \
-               "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " "                         \
-               "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"                 \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db))
+#define FLASHMLA_WGMMA_N256_RS(TY)                                                                                   \
+  asm volatile(                                                                                                      \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                                     \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY                                                       \
+      " "                                                                                                            \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%" \
+      "29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%" \
+      "56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%" \
+      "83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%" \
+      "108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, {%128, " \
+      "%129, %130, %131}, %132, p, 1, 1, 1;\n}\n"                                                                    \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),       \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),      \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),      \
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),      \
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),      \
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),      \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),      \
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),      \
+        "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),      \
+        "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]),      \
+        "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]),      \
+        "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), \
+        "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),            \
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]),            \
+        "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),            \
+        "+f"(d[126]), "+f"(d[127])                                                                                   \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db))
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
     FLASHMLA_WGMMA_N256_RS("bf16");
   else
@@ -356,11 +387,11 @@ __device__ __forceinline__ void store_rows(const DecodeParams& p, const Piece& p
 
 // Shared-memory regions of one block (Smem gives their sizes).
 struct SmemRegions {
-  unsigned char* q;        // 64 query rows, swizzled slices
-  unsigned char* kv;       // kStages KV stages
-  unsigned char* p;        // P tile(s), where they have a region of their own
-  float* stats;            // per-row values exchanged between the consumer warpgroups
-  unsigned char* valid;    // [stage][token]: the token exists (written by the producer)
+  unsigned char* q;              // 64 query rows, swizzled slices
+  unsigned char* kv;             // kStages KV stages
+  unsigned char* p;              // P tile(s), where they have a region of their own
+  float* stats;                  // per-row values exchanged between the consumer warpgroups
+  unsigned char* valid;          // [stage][token]: the token exists (written by the producer)
   uint32_t full_bar, empty_bar;  // kStages x Smem::full_per_stage, kStages mbarriers
 };
 
@@ -633,7 +664,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      for (int f = 0; f < S::full_per_stage; ++f) mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : 128);
+      for (int f = 0; f < S::full_per_stage; ++f)
+        mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : 128);
       mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -707,158 +739,159 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
       seesaw_consumers<T, D>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
     } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
-    const int ctid = tid - 128;  // 0..255
-    const int cw = ctid / 128;   // consumer warpgroup: token half for S, channel half for O
-    const int lane = tid % 32;
-    const int row_lo = ((ctid % 128) / 32) * 16 + lane / 4;  // accumulator rows row_lo, row_lo + 8
-    int it = 0;
-    for (int b = begin_batch; b <= end_batch; ++b) {
-      const Piece pc = piece_of(p, md, b);
-      const int num_tiles = pc.num_tiles();
-      if (num_tiles > 0) {
-        load_q<D, T>(p, smem_u32(sQ), ctid, b, hk, row_base, l2_policy);
-        cp_async_wait_all();
-        fence_proxy_async();
-        consumer_sync();
-      }
-      float o[128];
-#pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] = 0.f;
-      float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-      int last_visible[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = row_base + row_lo + 8 * h;
-        last_visible[h] = p.causal ? pc.seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : pc.seqlen - 1;
-      }
-
-      for (int tile = 0; tile < num_tiles; ++tile, ++it) {
-        const int stage = it % kStages;
-        const int t0 = pc.t_begin + tile * kTokens;
-        unsigned char* stage_ptr = sKV + stage * S::stage_bytes;
-        const uint32_t kv_addr = smem_u32(stage_ptr);
-        const unsigned char* valid = sValid + stage * kTokens;
-        mbar_wait(full_bar + 8 * stage * S::full_per_stage, (it / kStages) & 1);
-        if (args.use_tma && t0 + kTokens > pc.t_end) {
-          clear_dead_v(stage_ptr, pc.t_end - t0, ctid, kConsumerThreads);
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
+      const int ctid = tid - 128;  // 0..255
+      const int cw = ctid / 128;   // consumer warpgroup: token half for S, channel half for O
+      const int lane = tid % 32;
+      const int row_lo = ((ctid % 128) / 32) * 16 + lane / 4;  // accumulator rows row_lo, row_lo + 8
+      int it = 0;
+      for (int b = begin_batch; b <= end_batch; ++b) {
+        const Piece pc = piece_of(p, md, b);
+        const int num_tiles = pc.num_tiles();
+        if (num_tiles > 0) {
+          load_q<D, T>(p, smem_u32(sQ), ctid, b, hk, row_base, l2_policy);
+          cp_async_wait_all();
           fence_proxy_async();
           consumer_sync();
         }
-
-        // S = Q K^T for tokens [32 cw, 32 cw + 32).
-        float s[16];
+        float o[128];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) s[i] = 0.f;
-        wgmma_fence();
-#pragma unroll
-        for (int slice = 0; slice < S::kSlices; ++slice) {
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            const uint64_t da = make_desc(smem_u32(sQ) + slice * kSliceBytes + kk * 32, 16, 1024);
-            const uint64_t db = make_desc(kv_addr + slice * kSliceBytes + cw * 32 * 128 + kk * 32, 16, 1024);
-            wgmma_m64n32k16<T>(s, da, db);
-          }
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-
-        // Mask and scale. s[4j + e]: token 32 cw + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
-        float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int jt = cw * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
-            const int h = e / 2;
-            const bool ok = valid[jt] && t0 + jt <= last_visible[h];
-            s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
-            tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
-          }
-        }
+        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+        float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+        int last_visible[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
-          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
+          const int row = row_base + row_lo + 8 * h;
+          last_visible[h] = p.causal ? pc.seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : pc.seqlen - 1;
+        }
+
+        for (int tile = 0; tile < num_tiles; ++tile, ++it) {
+          const int stage = it % kStages;
+          const int t0 = pc.t_begin + tile * kTokens;
+          unsigned char* stage_ptr = sKV + stage * S::stage_bytes;
+          const uint32_t kv_addr = smem_u32(stage_ptr);
+          const unsigned char* valid = sValid + stage * kTokens;
+          mbar_wait(full_bar + 8 * stage * S::full_per_stage, (it / kStages) & 1);
+          if (args.use_tma && t0 + kTokens > pc.t_end) {
+            clear_dead_v(stage_ptr, pc.t_end - t0, ctid, kConsumerThreads);
+            fence_proxy_async();
+            consumer_sync();
+          }
+
+          // S = Q K^T for tokens [32 cw, 32 cw + 32).
+          float s[16];
+#pragma unroll
+          for (int i = 0; i < 16; ++i) s[i] = 0.f;
+          wgmma_fence();
+#pragma unroll
+          for (int slice = 0; slice < S::kSlices; ++slice) {
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+              const uint64_t da = make_desc(smem_u32(sQ) + slice * kSliceBytes + kk * 32, 16, 1024);
+              const uint64_t db = make_desc(kv_addr + slice * kSliceBytes + cw * 32 * 128 + kk * 32, 16, 1024);
+              wgmma_m64n32k16<T>(s, da, db);
+            }
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+
+          // Mask and scale. s[4j + e]: token 32 cw + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
+          float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int jt = cw * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
+              const int h = e / 2;
+              const bool ok = valid[jt] && t0 + jt <= last_visible[h];
+              s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
+              tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
+            }
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
+          }
+          if (lane % 4 == 0) {
+            sStats[cw * kRows + row_lo] = tile_max[0];
+            sStats[cw * kRows + row_lo + 8] = tile_max[1];
+          }
+          consumer_sync();
+          // Lazy rescale (max_grew): warp w of both warpgroups holds the same rows and reads the same
+          // sStats, so both decide alike.
+          float m_new[2];
+          bool grew = false;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            m_new[h] = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
+            grew |= max_grew(m_new[h], row_max[h], p.rescale_threshold);
+          }
+          const bool rescale_o = __any_sync(0xffffffff, grew);
+          float rescale[2];
+          if (rescale_o) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float base = m_new[h] == -INFINITY ? 0.f : m_new[h];  // nothing seen yet: keep P = 0
+              rescale[h] = exp2f(row_max[h] - base);
+              row_max[h] = m_new[h];
+              row_sum[h] *= rescale[h];
+            }
+          }
+          // P -> sP (swizzled K-major 64 x 64), and this warpgroup's share of the row sums.
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
+              const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
+              row_sum[h] += p0 + p1;
+              const int r = row_lo + 8 * h;
+              const int t = cw * 32 + j * 8 + (lane % 4) * 2;
+              *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
+            }
+          }
+          if (rescale_o) {
+#pragma unroll
+            for (int i = 0; i < 128; i += 4) {
+              o[i] *= rescale[0];
+              o[i + 1] *= rescale[0];
+              o[i + 2] *= rescale[1];
+              o[i + 3] *= rescale[1];
+            }
+          }
+          fence_proxy_async();  // generic stores to sP -> wgmma reads
+          consumer_sync();
+          // O[:, 256 cw : +256] += P V. V channels 256 cw.. = slices 4 cw..4 cw+3 (8 KiB apart: the
+          // MN-major atom stride); tokens 16 kt..+16 = two 8-row groups 1024 bytes apart.
+          wgmma_fence();
+#pragma unroll
+          for (int kt = 0; kt < kTokens / 16; ++kt) {
+            const uint64_t da = make_desc(smem_u32(sP) + kt * 32, 16, 1024);
+            const uint64_t db = make_desc(kv_addr + (4 * cw) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
+            wgmma_m64n256k16<T>(o, da, db);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+          if (lane == 0) mbar_arrive(empty_bar + 8 * stage);  // this warp is done with the stage
+        }
+
+        // Row sums: add the two warpgroups' shares, then write.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 1);
+          row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 2);
         }
         if (lane % 4 == 0) {
-          sStats[cw * kRows + row_lo] = tile_max[0];
-          sStats[cw * kRows + row_lo + 8] = tile_max[1];
+          sStats[cw * kRows + row_lo] = row_sum[0];
+          sStats[cw * kRows + row_lo + 8] = row_sum[1];
         }
         consumer_sync();
-        // Lazy rescale (max_grew): warp w of both warpgroups holds the same rows and reads the same
-        // sStats, so both decide alike.
-        float m_new[2];
-        bool grew = false;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          m_new[h] = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
-          grew |= max_grew(m_new[h], row_max[h], p.rescale_threshold);
-        }
-        const bool rescale_o = __any_sync(0xffffffff, grew);
-        float rescale[2];
-        if (rescale_o) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float base = m_new[h] == -INFINITY ? 0.f : m_new[h];  // nothing seen yet: keep P = 0
-            rescale[h] = exp2f(row_max[h] - base);
-            row_max[h] = m_new[h];
-            row_sum[h] *= rescale[h];
-          }
-        }
-        // P -> sP (swizzled K-major 64 x 64), and this warpgroup's share of the row sums.
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
-            const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
-            row_sum[h] += p0 + p1;
-            const int r = row_lo + 8 * h;
-            const int t = cw * 32 + j * 8 + (lane % 4) * 2;
-            *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
-          }
-        }
-        if (rescale_o) {
-#pragma unroll
-          for (int i = 0; i < 128; i += 4) {
-            o[i] *= rescale[0];
-            o[i + 1] *= rescale[0];
-            o[i + 2] *= rescale[1];
-            o[i + 3] *= rescale[1];
-          }
-        }
-        fence_proxy_async();  // generic stores to sP -> wgmma reads
-        consumer_sync();
-        // O[:, 256 cw : +256] += P V. V channels 256 cw.. = slices 4 cw..4 cw+3 (8 KiB apart: the
-        // MN-major atom stride); tokens 16 kt..+16 = two 8-row groups 1024 bytes apart.
-        wgmma_fence();
-#pragma unroll
-        for (int kt = 0; kt < kTokens / 16; ++kt) {
-          const uint64_t da = make_desc(smem_u32(sP) + kt * 32, 16, 1024);
-          const uint64_t db = make_desc(kv_addr + (4 * cw) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
-          wgmma_m64n256k16<T>(o, da, db);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        if (lane == 0) mbar_arrive(empty_bar + 8 * stage);  // this warp is done with the stage
+        const float total[2] = {sStats[row_lo] + sStats[kRows + row_lo],
+                                sStats[row_lo + 8] + sStats[kRows + row_lo + 8]};
+        store_rows<T>(p, pc, b, hk, row_base, row_lo, cw, lane, o, row_max, total);
+        consumer_sync();  // sQ and sStats are reused by the next sequence
       }
-
-      // Row sums: add the two warpgroups' shares, then write.
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 1);
-        row_sum[h] += __shfl_xor_sync(0xffffffff, row_sum[h], 2);
-      }
-      if (lane % 4 == 0) {
-        sStats[cw * kRows + row_lo] = row_sum[0];
-        sStats[cw * kRows + row_lo + 8] = row_sum[1];
-      }
-      consumer_sync();
-      const float total[2] = {sStats[row_lo] + sStats[kRows + row_lo], sStats[row_lo + 8] + sStats[kRows + row_lo + 8]};
-      store_rows<T>(p, pc, b, hk, row_base, row_lo, cw, lane, o, row_max, total);
-      consumer_sync();  // sQ and sStats are reused by the next sequence
-    }
     }
   }
 #endif

@@ -122,12 +122,14 @@ bool partials_in_l2() { return env_switch("FLASHMLA_PARTIALS_L2", true); }
 
 // The Hopper kernel's consumer schedule (decode_sm90.cuh): seesaw (each warpgroup computes the scores
 // of every other tile; one's softmax overlaps the other's tensor-core work) or split (both split
-// every tile's scores by tokens). Measured on the H200 (docs/KERNEL_NOTES.md v7): seesaw 2-10% faster
-// with more than 64 query rows per KV head (two or more row tiles), 0-5% slower up to 64; so seesaw
-// above 64 rows. FLASHMLA_SM90_SEESAW=1 / 0 forces it (read per call, for measurements and tests).
+// every tile's scores by tokens). Measured on the H200 (docs/KERNEL_NOTES.md v7): with TMA pages
+// (page_block_size % 64 == 0) seesaw 2-10% faster above 64 query rows per KV head (two or more row
+// tiles), 0-5% slower up to 64; with cp.async gathers (other page sizes) 32-34% slower at 128 rows.
+// So seesaw above 64 rows on TMA pages. FLASHMLA_SM90_SEESAW=1 / 0 forces it (read per call, for
+// measurements and tests).
 constexpr int kSeesawMinRows = 65;
-bool sm90_seesaw(int64_t rows_per_head_k) {
-  return env_switch("FLASHMLA_SM90_SEESAW", rows_per_head_k >= kSeesawMinRows);
+bool sm90_seesaw(int64_t rows_per_head_k, int64_t page_block_size) {
+  return env_switch("FLASHMLA_SM90_SEESAW", rows_per_head_k >= kSeesawMinRows && page_block_size % 64 == 0);
 }
 
 // The Hopper kernel's lazy softmax rescale threshold (decode_sm90.cuh max_grew), log2 units: O is
@@ -221,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
             k_cache.stride(2) % 8 == 0;
   p.kv_evict_first = kv_evict_first(s.rows_per_head_k);
   p.partials_in_l2 = partials_in_l2() && s.head_dim_v % 32 == 0;
-  p.sm90_seesaw = sm90_seesaw(s.rows_per_head_k);
+  p.sm90_seesaw = sm90_seesaw(s.rows_per_head_k, s.page_block_size);
   TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
               "flash_mla_with_kvcache: k_cache is too large");
 
