@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
-#   scripts/gpu_run.sh [stage ...]   stages: ceilings build tune sched ab smoke tests aoti sanitize profile bench
-#                                    (default: all but tune, sched, ab and profile; a 10-minute call
+#   scripts/gpu_run.sh [stage ...]   stages: ceilings build tune sched ab smoke tests aoti sanitize
+#                                    racecheck_repro profile bench
+#                                    (default: build smoke tests aoti sanitize bench; a 10-minute call
 #                                    fits `build smoke tests bench`, then `build aoti sanitize`)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call. The tree copied to the GPU machine
 # may carry a stale .git: pass FLASHMLA_COMMIT=<commit> so the benchmark tables name the right one.
@@ -75,6 +76,16 @@ if has sanitize; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/cuda_smoke.py --small > "$OUT/sanitize_$tool.log" 2>&1
     note "compute-sanitizer $tool rc=$? $(elapsed) : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+  done
+fi
+if has racecheck_repro; then
+  # racecheck on the seesaw's named-barrier handshake alone (scripts/racecheck_named_barrier.cu):
+  # race-free by construction, so any hazard it reports is the tool's (docs/KERNEL_NOTES.md v7).
+  for sync_only in 0 1; do
+    "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" -arch=sm_90 -DSYNC_ONLY=$sync_only -o "$OUT/rc_repro_$sync_only" scripts/racecheck_named_barrier.cu &&
+      compute-sanitizer --tool racecheck --error-exitcode 9 "$OUT/rc_repro_$sync_only" > "$OUT/racecheck_repro_$sync_only.log" 2>&1
+    note "racecheck_repro SYNC_ONLY=$sync_only rc=$? : $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck_repro_$sync_only.log" | tail -1)"
+    rm -f "$OUT/rc_repro_$sync_only"
   done
 fi
 if has ab; then
