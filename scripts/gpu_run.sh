@@ -63,7 +63,9 @@ if has smoke; then
 fi
 if has tests; then
   # The AOTInductor tests (stage aoti) build and load packages; they run in a process of their own.
-  $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_aoti.py ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
+  # PYTEST_K: a -k expression (spaces allowed); PYTEST_ARGS: further space-separated options.
+  $PY -m pytest -q -p no:cacheprovider tests --ignore=tests/test_aoti.py ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} \
+    > "$OUT/pytest.log" 2>&1
   note "pytest rc=$? $(elapsed) : $(tail -1 "$OUT/pytest.log")"
   grep -hE "^FAILED|^ERROR|Fatal" "$OUT/pytest.log" | head -20
 fi
