@@ -534,8 +534,8 @@ def main(argv=None) -> int:
         meta["sm_count"] = props.multi_processor_count
 
     records = []
+    ceil = meta["ceilings"]
     for i, row in enumerate(rows):
-        ceil = meta["ceilings"]
         rec = dry_row(row, anchors, ceil) if args.dry_run else run_row(row, anchors, args, kwargs, ceil)
         records.append(rec)
         shown = (

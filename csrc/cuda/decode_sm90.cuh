@@ -332,6 +332,12 @@ __device__ __forceinline__ void clear_dead_v(unsigned char* stage_ptr, int first
   }
 }
 
+// Maximum over the 4 lanes (lane % 4) that hold one accumulator row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
 // The reference maximum a row's P is taken against: a row that has seen nothing (m = -inf) keeps P = 0.
 __device__ __forceinline__ float ref_base(float m) { return m == -INFINITY ? 0.f : m; }
 
@@ -505,10 +511,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
           }
         }
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
-          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
-        }
+        for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(tile_max[h]);
       }
       // The own tile's softmax against the current m: moves m (lazily, warp-uniform), writes P to
       // registers (wgmma A fragments) and to this stage's P slot, publishes the new m, adds to l.
@@ -809,10 +812,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             }
           }
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
-            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
-          }
+          for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(tile_max[h]);
           if (lane % 4 == 0) {
             sStats[cw * kRows + row_lo] = tile_max[0];
             sStats[cw * kRows + row_lo + 8] = tile_max[1];
@@ -827,13 +827,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             m_new[h] = fmaxf(row_max[h], fmaxf(sStats[row_lo + 8 * h], sStats[kRows + row_lo + 8 * h]));
             grew |= max_grew(m_new[h], row_max[h], p.rescale_threshold);
           }
-          const bool rescale_o = __any_sync(0xffffffff, grew);
+          const bool any_grew = __any_sync(0xffffffff, grew);
           float rescale[2];
-          if (rescale_o) {
+          if (any_grew) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              const float base = m_new[h] == -INFINITY ? 0.f : m_new[h];  // nothing seen yet: keep P = 0
-              rescale[h] = exp2f(row_max[h] - base);
+              rescale[h] = exp2f(row_max[h] - ref_base(m_new[h]));
               row_max[h] = m_new[h];
               row_sum[h] *= rescale[h];
             }
@@ -843,7 +842,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              const float base = row_max[h] == -INFINITY ? 0.f : row_max[h];
+              const float base = ref_base(row_max[h]);
               const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
               row_sum[h] += p0 + p1;
               const int r = row_lo + 8 * h;
@@ -851,15 +850,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
               *reinterpret_cast<typename DT::pair*>(sP + swizzled(r, t / 8) + (t % 8) * 2) = DT::make_pair(p0, p1);
             }
           }
-          if (rescale_o) {
-#pragma unroll
-            for (int i = 0; i < 128; i += 4) {
-              o[i] *= rescale[0];
-              o[i + 1] *= rescale[0];
-              o[i + 2] *= rescale[1];
-              o[i + 3] *= rescale[1];
-            }
-          }
+          if (any_grew) rescale_o(o, rescale);
           fence_proxy_async();  // generic stores to sP -> wgmma reads
           consumer_sync();
           // O[:, 256 cw : +256] += P V. V channels 256 cw.. = slices 4 cw..4 cw+3 (8 KiB apart: the
