@@ -124,8 +124,9 @@ if has profile; then
   done
 fi
 if has bench; then
-  # The Hopper kernel (auto picks it on sm_90) on every row, the portable kernel on the grid.
-  for kernel in auto portable; do
+  # The Hopper kernel (auto picks it on sm_90) on every row, the portable kernel on the grid
+  # (BENCH_KERNELS, BENCH_ROWS, BENCH_ROWS_PORTABLE narrow it).
+  for kernel in ${BENCH_KERNELS:-auto portable}; do
     rows=${BENCH_ROWS:-all}; [ $kernel = portable ] && rows=${BENCH_ROWS_PORTABLE:-grid}
     mkdir -p "$OUT/bench_$kernel"
     $PY benchmarks/bench_decode.py --kernel $kernel --rows $rows --out "$OUT/bench_$kernel" \
