@@ -2,7 +2,7 @@
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
 #   scripts/gpu_run.sh [stage ...]   stages: ceilings build tune sched ab smoke tests aoti sanitize
-#                                    racecheck_repro profile bench
+#                                    racecheck_repro profile profile_source bench
 #                                    (default: build smoke tests aoti sanitize bench; a 10-minute call
 #                                    fits `build smoke tests bench`, then `build aoti sanitize`)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call. The tree copied to the GPU machine
@@ -121,6 +121,21 @@ if has profile; then
       $PY scripts/profile_decode.py $hq $sq ${sk:-4096} $vl > "$OUT/$name.txt" 2>&1
     note "$name rc=$?"
     grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Stall|Issue Slot|Executed Ipc" "$OUT/$name.txt" | head -20
+  done
+fi
+if has profile_source; then
+  # Warp-stall samples per SASS instruction of the decode kernel (one case of PROFILE_CASES each,
+  # "h_q,s_q[,s_k]"): the report, its source page as CSV and scripts/stall_summary.py's tables.
+  for case in ${PROFILE_CASES:-"128,2"}; do
+    IFS=, read -r hq sq sk _ <<< "$case"
+    name=stalls_${PROFILE_KERNEL:-auto}_h${hq}_sq${sq}${sk:+_sk$sk}
+    FLASHMLA_KERNEL=${PROFILE_KERNEL:-auto} ncu --clock-control none --kernel-name regex:mla_decode --launch-skip 2 \
+      --launch-count 1 --section WarpStateStats --section SourceCounters --import-source no -o "$OUT/$name" \
+      $PY scripts/profile_decode.py $hq $sq ${sk:-4096} > "$OUT/$name.log" 2>&1 &&
+      ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.csv" 2>> "$OUT/$name.log" &&
+      $PY scripts/stall_summary.py "$OUT/$name.csv" > "$OUT/$name.md"
+    note "$name rc=$?"
+    head -24 "$OUT/$name.md"
   done
 fi
 if has bench; then

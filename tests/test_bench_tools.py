@@ -59,3 +59,44 @@ def test_rerender_uses_the_cards_ceilings(tmp_path, monkeypatch):
         assert after["pct_bw"] == pytest.approx(100.0 * before["gbs"] / 4224.9)
     table = (tmp_path / "out" / "results.md").read_text()
     assert "Ceilings (H200) 4225 GB/s" in table and "commit abc1234" in table
+
+
+def test_stall_summary(tmp_path):
+    """scripts/stall_summary.py on a small source-page export: shares per reason and per instruction
+    are the samples over all samples, offsets are from the kernel's first instruction, predicated
+    instructions count under their opcode."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import stall_summary
+
+    header = [
+        "Address",
+        "Source",
+        stall_summary.TOTAL,
+        "stall_long_sb",
+        "stall_barrier",
+        "stall_long_sb (Not Issued)",
+    ]
+    rows = [
+        ["0x1000", "  LDC R1, c[0x0][0x28]", "10", "0", "10", "0"],
+        ["0x1010", "  @!P0 BRA 0x2000", "30", "30", "0", "30"],
+        ["0x1020", "  WARPGROUP.DEPBAR.LE gsb0, 0x0", "60", "0", "60", "0"],
+    ]
+    path = tmp_path / "sass.csv"
+    with open(path, "w", newline="") as f:
+        import csv
+
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(["Kernel Name", "k"])
+        w.writerow(header)
+        w.writerows(rows)
+    text = stall_summary.summarize(str(path), top=2)
+    assert "warp-stall samples: 100" in text
+    assert "| barrier | 70 | 70.0% |" in text and "| long_sb | 30 | 30.0% |" in text
+    assert "| 0x20 | 60.0% | barrier | `WARPGROUP.DEPBAR.LE gsb0, 0x0` |" in text
+    assert "| 0x10 | 30.0% | long_sb | `@!P0 BRA 0x2000` |" in text
+    assert "LDC R1" not in text.split("| opcode |")[0]  # top=2 leaves the third out
+    assert "| BRA | 30.0% |" in text and "| WARPGROUP | 60.0% |" in text
+    bad = tmp_path / "bad.csv"
+    bad.write_text('"a","b"\n"1","2"\n')
+    with pytest.raises(SystemExit, match="not a source-page export"):
+        stall_summary.summarize(str(bad))
