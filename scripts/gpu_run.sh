@@ -75,10 +75,21 @@ if has aoti; then
   grep -hE "^FAILED|^ERROR|Fatal" "$OUT/pytest_aoti.log" | head -20
 fi
 if has sanitize; then
-  for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 $PY scripts/cuda_smoke.py --small > "$OUT/sanitize_$tool.log" 2>&1
-    note "compute-sanitizer $tool rc=$? $(elapsed) : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
-  done
+  compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/cuda_smoke.py --small > "$OUT/sanitize_memcheck.log" 2>&1
+  note "compute-sanitizer memcheck rc=$? $(elapsed) : $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_memcheck.log" | tail -1)"
+  # racecheck does not follow the ordering of bar.arrive -> bar.sync (stage racecheck_repro; docs/KERNEL_NOTES.md
+  # v8), which the seesaw schedule's handshakes use: it reports hazards there that the barriers exclude. So: one
+  # run with the seesaw off, which must be clean, and one as shipped, where every hazard must lie in
+  # seesaw_consumers (its count is reported, not judged).
+  FLASHMLA_SM90_SEESAW=0 compute-sanitizer --tool racecheck --error-exitcode 9 $PY scripts/cuda_smoke.py --small \
+    > "$OUT/sanitize_racecheck_split.log" 2>&1
+  note "compute-sanitizer racecheck, seesaw off rc=$? $(elapsed) : $(grep -E 'RACECHECK SUMMARY' "$OUT/sanitize_racecheck_split.log" | tail -1)"
+  compute-sanitizer --tool racecheck $PY scripts/cuda_smoke.py --small > "$OUT/sanitize_racecheck.log" 2>&1
+  rc=$?
+  # A hazard is two lines ("Race reported between <access> ..." / "and <access> ..."): count those with a side elsewhere.
+  elsewhere=$(awk '/Race reported/ {a = $0; getline b; if (a !~ /seesaw_consumers/ || b !~ /seesaw_consumers/) n++}
+    END {print n + 0}' "$OUT/sanitize_racecheck.log")
+  note "compute-sanitizer racecheck, as shipped rc=$rc : $(grep -E 'RACECHECK SUMMARY' "$OUT/sanitize_racecheck.log" | tail -1); outside seesaw_consumers: $elsewhere"
 fi
 if has racecheck_repro; then
   # racecheck on the seesaw's named-barrier handshake alone (scripts/racecheck_named_barrier.cu):
