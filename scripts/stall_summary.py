@@ -43,7 +43,8 @@ def summarize(path, top=25):
     kernel, header, rows = read_rows(path)
     col = {name: i for i, name in enumerate(header)}
     reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
-    total = sum(number(r[col[TOTAL]]) for r in rows)
+    samples = [number(r[col[TOTAL]]) for r in rows]
+    total = sum(samples)
     if total == 0:
         raise SystemExit(f"{path}: no warp-stall samples")
     base = int(rows[0][col["Address"]], 16)
@@ -59,20 +60,15 @@ def summarize(path, top=25):
         if value:
             out.append(f"| {name[len('stall_') :]} | {value:.0f} | {100 * value / total:.1f}% |")
     out += ["", "| offset | share | main reason | instruction |", "|---:|---:|---|---|"]
-    for r in sorted(rows, key=lambda r: -number(r[col[TOTAL]]))[:top]:
-        share = number(r[col[TOTAL]]) / total
+    for n, r in sorted(zip(samples, rows), key=lambda pair: -pair[0])[:top]:
+        share = n / total
         main = max(reasons, key=lambda h: number(r[col[h]]))[len("stall_") :]
         offset = int(r[col["Address"]], 16) - base
         out.append(f"| 0x{offset:x} | {100 * share:.1f}% | {main} | `{' '.join(r[col['Source']].split())}` |")
     families = collections.Counter()
-    for r in rows:
-        words = r[col["Source"]].split()
-        op = (
-            words[1]
-            if words and words[0].startswith("@") and len(words) > 1
-            else (words[0] if words else "?")
-        )
-        families[op.split(".")[0]] += number(r[col[TOTAL]])
+    for n, r in zip(samples, rows):
+        words = [w for w in r[col["Source"]].split() if not w.startswith("@")]  # without the predicate
+        families[(words[0] if words else "?").split(".")[0]] += n
     out += ["", "| opcode | share |", "|---|---:|"]
     out += [f"| {op} | {100 * v / total:.1f}% |" for op, v in families.most_common(12) if v]
     return "\n".join(out)

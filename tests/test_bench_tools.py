@@ -2,6 +2,7 @@
 against (benchmarks/common.py ceilings_for), and --rerender, which rebuilds a run's tables from its
 results.json with the card's ceilings and a given commit (bench_decode.py)."""
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -83,8 +84,6 @@ def test_stall_summary(tmp_path):
     ]
     path = tmp_path / "sass.csv"
     with open(path, "w", newline="") as f:
-        import csv
-
         w = csv.writer(f, quoting=csv.QUOTE_ALL)
         w.writerow(["Kernel Name", "k"])
         w.writerow(header)
