@@ -643,8 +643,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   using DT = Dtype<T>;
   const DecodeParams& p = args.p;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* smem =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Aligned by pointer arithmetic on the __shared__ array, not through an integer, so that the compiler
+  // knows every pointer derived from it is shared memory: LDS/STS with 32-bit addresses. Through an
+  // integer they were generic accesses with 64-bit addresses, whose registers spilled in the seesaw
+  // loop (docs/KERNEL_NOTES.md v9: 1.00-1.06x end to end).
+  unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   unsigned char* sQ = smem;
   unsigned char* sKV = sQ + S::q_bytes;  // kStages stages
   unsigned char* sP = sKV + kStages * S::stage_bytes;
