@@ -33,6 +33,18 @@ struct DecodeParams {
   bool partials_in_l2;  // partial results stored evict-last and discarded by the combine (l2_policy.cuh);
                         // Hopper kernel only (mla_cuda.cu clears it for the portable kernel)
   bool sm90_seesaw;     // Hopper kernel: the seesaw consumer schedule (decode_sm90.cuh seesaw_consumers)
+
+#ifdef __CUDACC__
+  // The last token that row `row` of a KV head's query rows (query index * num_heads_per_head_k +
+  // head; rows past rows_per_head_k, the padding of a row tile, count as the last real row) may see
+  // in a sequence of `seqlen` tokens: causal rows see up to their own position (the query tokens
+  // are the sequence's last seqlen_q), others every token. (decode_portable.cuh writes the same
+  // expression inline: its compiled schedule moves with any change of its source, so it changes only
+  // with a measurement.)
+  __device__ __forceinline__ int last_visible(int seqlen, int row) const {
+    return causal ? seqlen - seqlen_q + min(row, rows_per_head_k - 1) / num_heads_per_head_k : seqlen - 1;
+  }
+#endif
 };
 
 }  // namespace flashmla

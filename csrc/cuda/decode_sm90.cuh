@@ -432,7 +432,6 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
   const int cw = ctid / 128;
   const int lane = tid % 32;
   const int row_lo = ((ctid % 128) / 32) * 16 + lane / 4;  // accumulator rows row_lo, row_lo + 8
-  const int g = p.num_heads_per_head_k;
   float* sM = sm.stats;              // [tile A, tile B][64 rows]: reference maxima after each tile
   float* sL = sm.stats + 2 * kRows;  // [warpgroup][64 rows]: row sums at the end of a piece
   const uint32_t q_addr = smem_u32(sm.q);
@@ -457,10 +456,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     int last_visible[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row_base + row_lo + 8 * h;
-      last_visible[h] = p.causal ? pc.seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : pc.seqlen - 1;
-    }
+    for (int h = 0; h < 2; ++h) last_visible[h] = p.last_visible(pc.seqlen, row_base + row_lo + 8 * h);
 
     for (int t2 = 0; t2 < num_tiles; t2 += 2) {
       const bool has_b = t2 + 1 < num_tiles;
@@ -676,7 +672,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
   const int hk = blockIdx.y / m_blocks;
   const int row_base = (blockIdx.y % m_blocks) * kRows;
-  const int g = p.num_heads_per_head_k;
   const int* md = p.metadata + part * kMetadataWidth;
   const int begin_batch = max(md[0], 0), end_batch = min(md[2], p.batch - 1);
   const uint64_t l2_policy = kv_l2_policy(p.kv_evict_first);
@@ -779,10 +774,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
         int last_visible[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row_base + row_lo + 8 * h;
-          last_visible[h] = p.causal ? pc.seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : pc.seqlen - 1;
-        }
+        for (int h = 0; h < 2; ++h) last_visible[h] = p.last_visible(pc.seqlen, row_base + row_lo + 8 * h);
 
         for (int tile = 0; tile < num_tiles; ++tile, ++it) {
           const int stage = it % kStages;
