@@ -5,9 +5,12 @@ FLASHMLA_PORTABLE_CONFIG) on odd shapes. Both are chosen per call from environme
 Skipped without a GPU; the Hopper cases also without an sm_90 GPU and an sm_90a build.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import (
+    JUNK_BLOCK_ID,
     LOW_PRECISION,
     assert_bitwise_equal,
     assert_kernels_agree,
@@ -237,6 +240,50 @@ def test_partials_in_l2_switch(monkeypatch, kernel, num_heads_q, head_dim_v):
         seed=seed_for("partials-l2", kernel, num_heads_q, head_dim_v),
     )
     check_switch_changes_no_bit(monkeypatch, inp, kernel, "FLASHMLA_PARTIALS_L2")
+
+
+@pytest.mark.parametrize("bad", ["num_blocks", "negative", "junk"])
+@pytest.mark.parametrize("num_heads_q,page_block_size", [(16, 64), (128, 64), (128, 16)])
+@pytest.mark.parametrize("kernel", ["sm90", "portable"])
+def test_out_of_range_blocks_skipped_on_deepseek_shapes(
+    monkeypatch, kernel, num_heads_q, page_block_size, bad
+):
+    """Both CUDA kernels on the DeepSeek head dims (576/512) skip the tokens of a live block id
+    outside [0, num_blocks). Hopper kernel on 64-token pages (TMA; split schedule at 16 query rows,
+    seesaw at 128): the out-of-bounds box reads zeros and the valid flags mask the tokens (a whole
+    64-token tile, which the unmasked-tile path must not take); on 16-token pages its cp.async
+    gather reads nothing for them; the portable kernel likewise. Sequence 0 loses its first page,
+    1 a middle one, 2 its last, partly filled one; 3 keeps all. Without the causal mask that equals
+    the sequences with those pages taken out of the table, which the float64 reference gives."""
+    if kernel == "sm90" and not hopper_available():
+        pytest.skip("needs an sm_90 GPU and the sm_90a build")
+    page = page_block_size
+    inp = make_decode_inputs(
+        batch=4,
+        num_heads_q=num_heads_q,
+        page_block_size=page,
+        dtype=torch.bfloat16,
+        device="cuda",
+        lengths=[300, 640, 200, 64],
+        max_seqlen=640,
+        seed=seed_for("out-of-range-blocks", kernel, num_heads_q, page, bad),
+    )
+    bad_id = {"num_blocks": inp.k_cache.shape[0], "negative": -1, "junk": JUNK_BLOCK_ID}[bad]
+    lens = inp.lengths()
+    dropped = {0: 0, 1: 3, 2: (lens[2] - 1) // page}  # sequence -> the table column made invalid
+    table = inp.block_table.clone()
+    kept = inp.block_table.clone()
+    for i, col in dropped.items():
+        table[i, col] = bad_id
+        kept[i, col:-1] = inp.block_table[i, col + 1 :].clone()
+        lens[i] -= min(page, lens[i] - col * page)
+    assert lens[2] % page == 0 and lens[1] == 640 - page
+    out, lse = run_with(monkeypatch, dataclasses.replace(inp, block_table=table), FLASHMLA_KERNEL=kernel)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    expect = dataclasses.replace(
+        inp, block_table=kept, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device="cuda")
+    )
+    check_against_reference(expect, out, lse)
 
 
 @requires_hopper
