@@ -358,6 +358,17 @@ def assert_kernels_agree(inp: DecodeInputs, a, b, ref, ref_low) -> None:
         assert max_abs(a[1][seen], b[1][seen]) <= 2e-4 * (b[1][seen].abs().max().item() + 1)
 
 
+def check_pair_against_reference(inp: DecodeInputs, a, b) -> None:
+    """Two kernels' (out, lse) on the same inputs: each against the float64 reference (with the
+    low-precision reference's bound, check_against_reference), and against each other
+    (assert_kernels_agree)."""
+    ref = inp.reference()
+    ref_low = inp.reference(compute_dtype=None)
+    check_against_reference(inp, *a, ref=ref, ref_low=ref_low)
+    check_against_reference(inp, *b, ref=ref, ref_low=ref_low)
+    assert_kernels_agree(inp, a, b, ref, ref_low)
+
+
 def check_schedule_invariants(md: torch.Tensor, splits: torch.Tensor, lengths) -> None:
     """The layout of csrc/schedule.h: every token of every sequence is covered exactly once."""
     md, splits = md.tolist(), splits.tolist()
