@@ -150,6 +150,15 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// Four 8 x 8 matrices of 16-bit values to shared memory: thread t holds row t / 4, columns 2 (t % 4) + {0, 1}
+// of matrix i in r_i (the mma accumulator layout, packed); thread t gives the address of row t % 8 of
+// matrix t / 8 (16 contiguous bytes).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+
 // S (64 x 32, fp32) += A (64 x 16, K-major smem) * B (32 x 16, K-major smem)^T
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t da, uint64_t db) {
@@ -288,6 +297,15 @@ __device__ __forceinline__ Piece piece_of(const DecodeParams& p, const int* md, 
   pc.whole = p.num_splits[b + 1] - split_first == 1;
   pc.split_row = min(max(split_first + (b == md[0] ? md[4] : 0), 0), p.partial_rows - 1);
   return pc;
+}
+
+// A tile of TMA mode that needs no per-token mask: inside the piece, on a valid block (one page per tile,
+// so valid[0] says it for every token) and wholly before both of the thread's rows' causal limits
+// (KERNEL_NOTES v9b: seesaw 1.00-1.06x; v10: split 1.006-1.010x).
+__device__ __forceinline__ bool whole_visible_tile(const Args& args, const Piece& pc, int t0,
+                                                   const unsigned char* valid, const int (&last_visible)[2]) {
+  return args.use_tma && t0 + kTokens <= pc.t_end && valid[0] &&
+         t0 + kTokens - 1 <= min(last_visible[0], last_visible[1]);
 }
 
 // Copies 64 rows of D channels into a swizzled matrix with `threads` threads (8 per row);
@@ -495,12 +513,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         }
         // s[4j + e]: token 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
         const unsigned char* valid = sm.valid + cw * kTokens;
-        // A tile inside the piece, on a valid block (TMA: the tile is one page, so valid[0] says it for
-        // every token) and wholly before both rows' causal limits needs no mask (KERNEL_NOTES v9:
-        // 1.00-1.06x on the seesaw rows).
-        const bool unmasked = args.use_tma && t0 + kTokens <= pc.t_end && valid[0] &&
-                              t0 + kTokens - 1 <= min(last_visible[0], last_visible[1]);
-        if (unmasked) {
+        if (whole_visible_tile(args, pc, t0, valid, last_visible)) {
 #pragma unroll
           for (int i = 0; i < 32; ++i) {
             s[i] *= p.scale_log2;
@@ -550,10 +563,20 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
             const float base = ref_base(m[h]);
             const float p0 = exp2f(s[4 * j + 2 * h] - base), p1 = exp2f(s[4 * j + 2 * h + 1] - base);
             psum[h] += p0 + p1;
-            const uint32_t packed = pack_pair<T>(p0, p1);
-            pf[(j / 2) * 4 + (j % 2) * 2 + h] = packed;
-            *reinterpret_cast<uint32_t*>(slot + swizzled(row_lo + 8 * h, j) + (lane % 4) * 4) = packed;
+            pf[(j / 2) * 4 + (j % 2) * 2 + h] = pack_pair<T>(p0, p1);
           }
+        }
+        // P -> the slot by stmatrix (KERNEL_NOTES v10: 4 instructions instead of 16 shared stores,
+        // 1.00-1.02x): call q stores the 8 x 8 matrices i = 0..3 of this warp's 16 rows with token group
+        // 2q + i / 2 and row half i % 2, whose registers are pf[4q + i].
+        {
+          const int mi = lane / 8;
+          const int r = ((ctid % 128) / 32) * 16 + 8 * (mi % 2) + lane % 8;
+          const uint32_t slot_addr = smem_u32(slot);
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            stmatrix_x4(slot_addr + swizzled(r, 2 * q + mi / 2), pf[4 * q], pf[4 * q + 1], pf[4 * q + 2],
+                        pf[4 * q + 3]);
         }
         if (lane % 4 == 0) {
           sm_row[row_lo] = m[0];
@@ -808,15 +831,23 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 
           // Mask and scale. s[4j + e]: token 32 cw + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
           float tile_max[2] = {-INFINITY, -INFINITY};
+          if (whole_visible_tile(args, pc, t0, valid, last_visible)) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
+            for (int i = 0; i < 16; ++i) {
+              s[i] *= p.scale_log2;
+              tile_max[(i % 4) / 2] = fmaxf(tile_max[(i % 4) / 2], s[i]);
+            }
+          } else {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int jt = cw * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
-              const int h = e / 2;
-              const bool ok = valid[jt] && t0 + jt <= last_visible[h];
-              s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
-              tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
+            for (int j = 0; j < 4; ++j) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int jt = cw * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
+                const int h = e / 2;
+                const bool ok = valid[jt] && t0 + jt <= last_visible[h];
+                s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
+                tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
+              }
             }
           }
 #pragma unroll
