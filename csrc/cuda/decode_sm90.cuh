@@ -301,7 +301,7 @@ __device__ __forceinline__ Piece piece_of(const DecodeParams& p, const int* md, 
 
 // A tile of TMA mode that needs no per-token mask: inside the piece, on a valid block (one page per tile,
 // so valid[0] says it for every token) and wholly before both of the thread's rows' causal limits
-// (KERNEL_NOTES v9b: seesaw 1.00-1.06x; v10: split 1.006-1.010x).
+// (KERNEL_NOTES v9b: seesaw 1.00-1.06x; v10: split about 1.005x).
 __device__ __forceinline__ bool whole_visible_tile(const Args& args, const Piece& pc, int t0,
                                                    const unsigned char* valid, const int (&last_visible)[2]) {
   return args.use_tma && t0 + kTokens <= pc.t_end && valid[0] &&
@@ -566,9 +566,9 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
             pf[(j / 2) * 4 + (j % 2) * 2 + h] = pack_pair<T>(p0, p1);
           }
         }
-        // P -> the slot by stmatrix (KERNEL_NOTES v10: 4 instructions instead of 16 shared stores,
-        // 1.00-1.02x): call q stores the 8 x 8 matrices i = 0..3 of this warp's 16 rows with token group
-        // 2q + i / 2 and row half i % 2, whose registers are pf[4q + i].
+        // P -> the slot by stmatrix (KERNEL_NOTES v10: 4 instructions instead of 16 shared stores;
+        // 1.00-1.02x in the decode kernel's A/B, neutral end to end): call q stores the 8 x 8 matrices i = 0..3 of this
+        // warp's 16 rows with token group 2q + i / 2 and row half i % 2, whose registers are pf[4q + i].
         {
           const int mi = lane / 8;
           const int r = ((ctid % 128) / 32) * 16 + 8 * (mi % 2) + lane % 8;
