@@ -356,6 +356,38 @@ __device__ __forceinline__ float quad_max(float x) {
   return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
 }
 
+// Scales this thread's scores of a tile to the log2 domain, masks the tokens it may not see (-inf) and
+// takes their row maxima over the quad. s[4 j + e] is token first_token + 8 j + 2 (lane % 4) + (e & 1) of
+// the tile (t0 ..), row half e / 2; N / 4 groups of 8 tokens. A whole visible tile skips the mask.
+template <int N>
+__device__ __forceinline__ void mask_scale_rowmax(float (&s)[N], float (&tile_max)[2], const Args& args,
+                                                  const Piece& pc, int t0, const unsigned char* valid, int first_token,
+                                                  const int (&last_visible)[2], int lane) {
+  const float scale = args.p.scale_log2;
+  tile_max[0] = tile_max[1] = -INFINITY;
+  if (whole_visible_tile(args, pc, t0, valid, last_visible)) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      s[i] *= scale;
+      tile_max[(i % 4) / 2] = fmaxf(tile_max[(i % 4) / 2], s[i]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jt = first_token + j * 8 + (lane % 4) * 2 + (e & 1);
+        const int h = e / 2;
+        const bool ok = valid[jt] && t0 + jt <= last_visible[h];
+        s[4 * j + e] = ok ? s[4 * j + e] * scale : -INFINITY;
+        tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(tile_max[h]);
+}
+
 // The reference maximum a row's P is taken against: a row that has seen nothing (m = -inf) keeps P = 0.
 __device__ __forceinline__ float ref_base(float m) { return m == -INFINITY ? 0.f : m; }
 
@@ -512,28 +544,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
             named_sync<kBarWarpgroup + 1>(128);
         }
         // s[4j + e]: token 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
-        const unsigned char* valid = sm.valid + cw * kTokens;
-        if (whole_visible_tile(args, pc, t0, valid, last_visible)) {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) {
-            s[i] *= p.scale_log2;
-            tile_max[(i % 4) / 2] = fmaxf(tile_max[(i % 4) / 2], s[i]);
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int jt = j * 8 + (lane % 4) * 2 + (e & 1);
-              const int h = e / 2;
-              const bool ok = valid[jt] && t0 + jt <= last_visible[h];
-              s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
-              tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
-            }
-          }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(tile_max[h]);
+        mask_scale_rowmax(s, tile_max, args, pc, t0, sm.valid + cw * kTokens, 0, last_visible, lane);
       }
       // The own tile's softmax against the current m: moves m (lazily, warp-uniform), writes P to
       // registers (wgmma A fragments) and to this stage's P slot, publishes the new m, adds to l.
@@ -830,28 +841,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           wgmma_wait<0>();
 
           // Mask and scale. s[4j + e]: token 32 cw + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
-          float tile_max[2] = {-INFINITY, -INFINITY};
-          if (whole_visible_tile(args, pc, t0, valid, last_visible)) {
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-              s[i] *= p.scale_log2;
-              tile_max[(i % 4) / 2] = fmaxf(tile_max[(i % 4) / 2], s[i]);
-            }
-          } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int jt = cw * 32 + j * 8 + (lane % 4) * 2 + (e & 1);
-                const int h = e / 2;
-                const bool ok = valid[jt] && t0 + jt <= last_visible[h];
-                s[4 * j + e] = ok ? s[4 * j + e] * p.scale_log2 : -INFINITY;
-                tile_max[h] = fmaxf(tile_max[h], s[4 * j + e]);
-              }
-            }
-          }
-#pragma unroll
-          for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(tile_max[h]);
+          float tile_max[2];
+          mask_scale_rowmax(s, tile_max, args, pc, t0, valid, cw * 32, last_visible, lane);
           if (lane % 4 == 0) {
             sStats[cw * kRows + row_lo] = tile_max[0];
             sStats[cw * kRows + row_lo + 8] = tile_max[1];
