@@ -328,3 +328,68 @@ def test_hopper_schedules_agree(
     assert_bitwise_equal(default[1], expected[1])
     with pytest.raises(RuntimeError, match="FLASHMLA_SM90_SEESAW must be 0 or 1"):
         run_with(monkeypatch, inp, FLASHMLA_SM90_SEESAW="2")
+
+
+def sm90_cluster_launched(step) -> int:
+    """The cluster size (the kernel's kCluster template argument) of the Hopper decode kernel that step() launches,
+    read from the kernel's name in a torch.profiler trace (demangled or mangled)."""
+    import re
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    sizes = set()
+    for event in prof.key_averages():
+        found = re.search(r"mla_decode_sm90_kernel<[^>]*, (\d+)>", event.key) or re.search(
+            r"mla_decode_sm90_kernel.*Lb[01]ELi(\d+)E", event.key
+        )
+        if found:
+            sizes.add(int(found.group(1)))
+    assert len(sizes) == 1, f"expected one Hopper decode kernel in the trace, found cluster sizes {sizes}"
+    return sizes.pop()
+
+
+@requires_hopper
+@DTYPES
+@pytest.mark.parametrize(
+    "num_heads_q,seq_len_q,head_dim,page_block_size,causal,expected",
+    [(128, 1, 576, 64, False, {"1": {1}, "2": {2}, "4": {1}}),
+     (128, 2, 576, 64, True, {"1": {1}, "2": {2}, "4": {4, 2}}),
+     (96, 1, 576, 128, False, {"1": {1}, "2": {2}, "4": {1}}),
+     (64, 3, 576, 64, True, {"1": {1}, "2": {1}, "4": {1}}),
+     (128, 1, 512, 64, False, {"1": {1}, "2": {2}, "4": {1}}),
+     (128, 1, 576, 32, False, {"1": {1}, "2": {1}, "4": {1}})],
+)  # fmt: skip
+def test_hopper_kv_cluster_changes_no_bit(
+    monkeypatch, dtype, num_heads_q, seq_len_q, head_dim, page_block_size, causal, expected
+):
+    """FLASHMLA_SM90_KV_CLUSTER (row-tile blocks of the seesaw that share each KV tile load: a cluster with TMA
+    multicast) changes only where the bytes come from: clusters of 1, 2 and 4 give the same output and LSE bit for
+    bit, on varlen lengths with an empty row and NaN past every length, and match the float64 reference. The kernel
+    that ran (its name in a profiler trace) is launched as clusters only where the row tiles of a KV head are a
+    multiple of the size on TMA pages (128 rows: 2 tiles; 256: 4, or 2 where clusters of 4 do not all fit at once;
+    192: 3 tiles, no cluster; 32-token pages: cp.async gathers, no cluster); a bad value raises."""
+    inp = make_decode_inputs(
+        batch=6,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        head_dim=head_dim,
+        page_block_size=page_block_size,
+        dtype=dtype,
+        device="cuda",
+        max_seqlen=1500,
+        causal=causal,
+        seed=seed_for("sm90-kv-cluster", dtype, num_heads_q, seq_len_q, head_dim, page_block_size, causal),
+    )
+    monkeypatch.setenv("FLASHMLA_KERNEL", "sm90")
+    monkeypatch.setenv("FLASHMLA_SM90_SEESAW", "1")
+    results = {}
+    for value in ("1", "2", "4"):
+        results[value] = run_with(monkeypatch, inp, FLASHMLA_SM90_KV_CLUSTER=value)
+        assert sm90_cluster_launched(inp.run) in expected[value], f"FLASHMLA_SM90_KV_CLUSTER={value}"
+    check_against_reference(inp, *results["2"])
+    for value in ("1", "4"):
+        assert_bitwise_equal(results[value][0], results["2"][0])
+        assert_bitwise_equal(results[value][1], results["2"][1])
+    with pytest.raises(RuntimeError, match="FLASHMLA_SM90_KV_CLUSTER must be 1, 2 or 4"):
+        run_with(monkeypatch, inp, FLASHMLA_SM90_KV_CLUSTER="3")
