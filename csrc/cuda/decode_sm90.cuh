@@ -171,11 +171,11 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
-// Arrives on the mbarrier at offset `bar` of block `rank` of this cluster (release at cluster scope).
+// Arrives on the mbarrier at offset `bar` of block `rank` of this cluster (default semantics: release, CTA scope).
 __device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
   asm volatile(
       "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
       "r"(rank)
       : "memory");
 }
@@ -671,7 +671,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         // This warp is done with the stage; with a cluster, in every block of it (each block's producer
         // writes its slices into all of them).
         if (lane == 0) {
-          if constexpr (kCluster == 1)
+          if (kCluster == 1 || p.exp_placement_only)
             mbar_arrive(sm.empty_bar + 8 * st);
           else
             for (int r = 0; r < kCluster; ++r) mbar_arrive_remote(sm.empty_bar + 8 * st, r);
@@ -768,7 +768,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
     for (int s = 0; s < kStages; ++s) {
       for (int f = 0; f < S::full_per_stage; ++f)
         mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : 128);
-      mbar_init(empty_bar + 8 * s, kConsumerThreads / 32 * kCluster);
+      mbar_init(empty_bar + 8 * s, kConsumerThreads / 32 * (p.exp_placement_only ? 1 : kCluster));
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -803,7 +803,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           if constexpr (kCluster == 1)
             mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
           else
-            mbar_wait_cluster(empty_bar + 8 * stage, (use + 1) & 1);  // every block of the cluster released it
+            mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);  // every block of the cluster released it
         }
         const int t0 = pc.t_begin + tile * kTokens;
         const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
@@ -826,7 +826,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
               if constexpr (kSeesaw) {
                 // Each block's barrier expects the whole slice, whichever block of the cluster loads it.
                 mbar_arrive_expect_tx(bar, kSliceBytes);
-                if constexpr (kCluster > 1) {
+                if (kCluster > 1 && !p.exp_placement_only) {
                   if (slice % kCluster == crank)
                     tma_load_4d_multicast(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size,
                                           hk, block_coord, bar, uint16_t((1u << kCluster) - 1), l2_policy);

@@ -238,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.partials_in_l2 = partials_in_l2() && s.head_dim_v % 32 == 0;
   p.sm90_seesaw = sm90_seesaw(s.rows_per_head_k, s.page_block_size);
   p.sm90_kv_cluster = sm90_kv_cluster();
+  p.exp_placement_only = env_switch("FLASHMLA_SM90_EXP", false);
   TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
               "flash_mla_with_kvcache: k_cache is too large");
 
