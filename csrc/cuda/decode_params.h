@@ -33,9 +33,6 @@ struct DecodeParams {
   bool partials_in_l2;  // partial results stored evict-last and discarded by the combine (l2_policy.cuh);
                         // Hopper kernel only (mla_cuda.cu clears it for the portable kernel)
   bool sm90_seesaw;     // Hopper kernel: the seesaw consumer schedule (decode_sm90.cuh seesaw_consumers)
-  bool exp_placement_only;  // EXPERIMENT: clusters for placement only (no multicast)
-  int sm90_kv_cluster;  // Hopper seesaw on TMA pages: row-tile blocks of a KV head that share one load of each KV
-                        // tile (a cluster, TMA multicast; decode_sm90.cuh); 1, 2 or 4, the launcher may lower it to 1
 
 #ifdef __CUDACC__
   // The last token that row `row` of a KV head's query rows (query index * num_heads_per_head_k +

@@ -150,45 +150,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// tma_load_4d to the same shared-memory offset in every block of cta_mask (of this cluster); each
-// destination's mbarrier at offset `bar` receives the bytes it got.
-__device__ __forceinline__ void tma_load_4d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
-                                                      int c3, uint32_t bar, uint16_t cta_mask, uint64_t l2_policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster.L2::cache_hint "
-      "[%0], [%1, {%2, %3, %4, %5}], [%6], %7, %8;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(cta_mask),
-      "l"(l2_policy)
-      : "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// Every thread of every block of the cluster (release / acquire: shared-memory writes before it are
-// visible to the cluster after it).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-// Arrives on the mbarrier at offset `bar` of block `rank` of this cluster (default semantics: release, CTA scope).
-__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
-  asm volatile(
-      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
-      "r"(rank)
-      : "memory");
-}
-// mbar_wait with acquire at cluster scope: for phases that other blocks' arrivals complete.
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-
 // Four 8 x 8 matrices of 16-bit values to shared memory: thread t holds row t / 4, columns 2 (t % 4) + {0, 1}
 // of matrix i in r_i (the mma accumulator layout, packed); thread t gives the address of row t % 8 of
 // matrix t / 8 (16 contiguous bytes).
@@ -511,7 +472,7 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 // so one warpgroup's softmax overlaps the other's tensor-core work. l (row sums of P) is kept per
 // warpgroup in the same units and added at the end. The producer fills stage (tile % 2) and counts
 // the fills of each stage (a piece with an odd tile count leaves stage 1 out of its last pair).
-template <typename T, int D, int kCluster>
+template <typename T, int D>
 __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemRegions& sm, int tid, const int* md,
                                                  int begin_batch, int end_batch, int hk, int row_base,
                                                  uint64_t l2_policy) {
@@ -668,14 +629,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
       };
       auto release = [&](int st) {
         wgmma_wait<0>();
-        // This warp is done with the stage; with a cluster, in every block of it (each block's producer
-        // writes its slices into all of them).
-        if (lane == 0) {
-          if (kCluster == 1 || p.exp_placement_only)
-            mbar_arrive(sm.empty_bar + 8 * st);
-          else
-            for (int r = 0; r < kCluster; ++r) mbar_arrive_remote(sm.empty_bar + 8 * st, r);
-        }
+        if (lane == 0) mbar_arrive(sm.empty_bar + 8 * st);  // this warp is done with the stage
       };
 
       if (cw == 0) {
@@ -725,16 +679,8 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
   }
 }
 
-// kCluster: row-tile blocks launched as one cluster that share each KV tile (seesaw + TMA only; 1 = no
-// cluster). Block rank r of the cluster loads the slices s with s % kCluster == r, multicast to every
-// block of the cluster, so L2 serves each tile once per cluster instead of once per block; every block's
-// consumers release a stage in every block of the cluster. The blocks of a cluster are consecutive row
-// tiles of one KV head and one worker: they walk the same tiles. A template parameter, so that the
-// instances without clusters compile as before (a runtime switch moved the seesaw's register allocation:
-// 48 -> 136 spilled bytes).
-template <typename T, int D, bool kSeesaw, int kCluster>
+template <typename T, int D, bool kSeesaw>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __grid_constant__ Args args) {
-  static_assert(kCluster == 1 || kSeesaw, "only the seesaw is launched as clusters");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists only in the sm_90a pass of the build
   using S = Smem<D, kSeesaw>;
   using DT = Dtype<T>;
@@ -768,12 +714,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
     for (int s = 0; s < kStages; ++s) {
       for (int f = 0; f < S::full_per_stage; ++f)
         mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : 128);
-      mbar_init(empty_bar + 8 * s, kConsumerThreads / 32 * (p.exp_placement_only ? 1 : kCluster));
+      mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if constexpr (kCluster > 1) cluster_sync();  // every block's barriers exist before any multicast or remote arrive
 
   // Roles are the two branches of one if/else, so that setmaxnreg applies (see HOPPER.md).
   if (tid < 128) {
@@ -783,15 +728,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     else
       asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
-    // TMA mode: one warp issues. Each role ends with the cluster barrier itself: code after the role
-    // branch would be shared by both register budgets (and made the consumers spill).
-    if (args.use_tma && tid >= 32) {
-      if constexpr (kCluster > 1) cluster_sync();
-      return;
-    }
+    if (args.use_tma && tid >= 32) return;
     int it = 0;
     int uses0 = 0, uses1 = 0;  // seesaw: fills of stage 0 / 1 so far
-    const int crank = kCluster > 1 ? int(cluster_rank()) : 0;
     for (int b = begin_batch; b <= end_batch; ++b) {
       const Piece pc = piece_of(p, md, b);
       const int* table = p.block_table + int64_t(b) * p.block_table_stride;
@@ -799,12 +738,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         // Split schedule: the ring runs on across pieces. Seesaw: tile 2k in stage 0, 2k + 1 in stage 1.
         const int stage = kSeesaw ? tile % kStages : it % kStages;
         const int use = !kSeesaw ? it / kStages : stage == 0 ? uses0++ : uses1++;
-        if (use >= 1) {
-          if constexpr (kCluster == 1)
-            mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
-          else
-            mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);  // every block of the cluster released it
-        }
+        if (use >= 1) mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
         const int t0 = pc.t_begin + tile * kTokens;
         const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
         unsigned char* valid = sValid + stage * kTokens;
@@ -823,16 +757,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 #pragma unroll
             for (int slice = 0; slice < S::kSlices; ++slice) {
               const uint32_t bar = kSeesaw ? stage_full + 8 * slice : stage_full;
-              if constexpr (kSeesaw) {
-                // Each block's barrier expects the whole slice, whichever block of the cluster loads it.
-                mbar_arrive_expect_tx(bar, kSliceBytes);
-                if (kCluster > 1 && !p.exp_placement_only) {
-                  if (slice % kCluster == crank)
-                    tma_load_4d_multicast(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size,
-                                          hk, block_coord, bar, uint16_t((1u << kCluster) - 1), l2_policy);
-                  continue;
-                }
-              }
+              if constexpr (kSeesaw) mbar_arrive_expect_tx(bar, kSliceBytes);
               tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk, block_coord,
                           bar, l2_policy);
             }
@@ -856,13 +781,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         }
       }
     }
-    // No block of a cluster exits while another may still multicast into it or arrive on its barriers.
-    if constexpr (kCluster > 1) cluster_sync();
   } else {
     // ----------------------------------------------------------------------------- consumers
     if constexpr (kSeesaw) {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-      seesaw_consumers<T, D, kCluster>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
+      seesaw_consumers<T, D>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
     } else {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
       const int ctid = tid - 128;  // 0..255
@@ -991,7 +914,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         consumer_sync();  // sQ and sStats are reused by the next sequence
       }
     }
-    if constexpr (kCluster > 1) cluster_sync();
   }
 #endif
 }

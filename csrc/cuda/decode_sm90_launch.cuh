@@ -4,7 +4,6 @@
 #include <c10/util/Exception.h>
 #include <cudaTypedefs.h>
 
-#include <algorithm>
 #include <type_traits>
 
 #include "decode_launchers.h"
@@ -45,68 +44,28 @@ CUtensorMap make_kv_map(const DecodeParams& p) {
   return map;
 }
 
-// How many clusters of `config` (a launch of the seesaw kernel of <T, D> as clusters of kCluster blocks) can run at
-// once on the current device; asked once per device (the occupancy calculator is a host query, not free per call).
-template <typename T, int D, int kCluster, typename Kernel>
-int co_resident_clusters(Kernel kernel, const cudaLaunchConfig_t& config) {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};  // 0 = not asked yet
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  TORCH_CHECK(device < kMaxDevices, "flash_mla_with_kvcache: more than ", kMaxDevices, " devices");
-  if (cache[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &config));
-    cache[device] = n > 0 ? n : -1;  // -1: none fit (then the plain launch runs)
-  }
-  return std::max(cache[device], 0);
-}
-
 template <typename T, int D>
 void launch(const DecodeParams& p, cudaStream_t stream) {
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
   Args args{};
   args.p = p;
+  args.p.kv_evict_first = p.kv_evict_first && m_blocks == 1;  // else the row tiles share KV through L2
   args.p.partials_in_l2 = p.partials_in_l2 && m_blocks == 1;  // l2_policy.cuh
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  // Row tiles sharing KV loads (mla_decode_sm90_kernel's kCluster): seesaw on TMA pages, whole clusters of one KV
-  // head's row tiles, and only where all clusters fit on the GPU at once (a plain launch of such a grid is one wave;
-  // clusters, confined to a GPC each, could leave SMs idle and run a second wave).
-  const int blocks = p.num_sm_parts * p.num_heads_k * m_blocks;
-  auto run = [&](auto seesaw, auto cluster) {
+  auto run = [&](auto seesaw) {
     constexpr bool kSeesaw = decltype(seesaw)::value;
-    constexpr int kCluster = decltype(cluster)::value;
     constexpr int smem_bytes = Smem<D, kSeesaw>::total;
-    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw, kCluster>;
-    // Evict-first only where each KV byte is read once: one row tile per KV head, or all of them in one cluster
-    // (else the row tiles share KV through L2).
-    args.p.kv_evict_first = p.kv_evict_first && m_blocks == kCluster;
+    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(p.num_sm_parts, p.num_heads_k * m_blocks);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = smem_bytes;
-    config.stream = stream;
-    cudaLaunchAttribute cluster_attr{};
-    cluster_attr.id = cudaLaunchAttributeClusterDimension;
-    cluster_attr.val.clusterDim = {1, kCluster, 1};
-    if constexpr (kCluster > 1) {
-      config.attrs = &cluster_attr;
-      config.numAttrs = 1;
-      if (blocks > co_resident_clusters<T, D, kCluster>(kernel, config) * kCluster) return false;
-    }
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
-    return true;
+    kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, smem_bytes, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  const int cluster = p.sm90_seesaw && args.use_tma && m_blocks % p.sm90_kv_cluster == 0 ? p.sm90_kv_cluster : 1;
-  if (cluster == 4 && run(std::true_type{}, std::integral_constant<int, 4>{})) return;
-  if (cluster >= 2 && run(std::true_type{}, std::integral_constant<int, 2>{})) return;
   if (p.sm90_seesaw)
-    run(std::true_type{}, std::integral_constant<int, 1>{});
+    run(std::true_type{});
   else
-    run(std::false_type{}, std::integral_constant<int, 1>{});
+    run(std::false_type{});
 }
 
 template <typename T>

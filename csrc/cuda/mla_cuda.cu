@@ -132,19 +132,6 @@ bool sm90_seesaw(int64_t rows_per_head_k, int64_t page_block_size) {
   return env_switch("FLASHMLA_SM90_SEESAW", rows_per_head_k >= kSeesawMinRows && page_block_size % 64 == 0);
 }
 
-// Row-tile blocks of the Hopper seesaw that share each KV tile load (TMA multicast to a cluster;
-// decode_sm90.cuh Args::kv_cluster): 1 (each block loads its own), 2 or 4. The launcher uses it where
-// the row tiles per KV head are a multiple of it and the clusters all fit at once, else 1.
-// FLASHMLA_SM90_KV_CLUSTER=1 / 2 / 4 sets it (read per call, for measurements and tests).
-constexpr int kDefaultKvCluster = 1;
-int sm90_kv_cluster() {
-  const char* v = std::getenv("FLASHMLA_SM90_KV_CLUSTER");
-  if (v == nullptr || v[0] == 0) return kDefaultKvCluster;
-  TORCH_CHECK(std::strcmp(v, "1") == 0 || std::strcmp(v, "2") == 0 || std::strcmp(v, "4") == 0,
-              "FLASHMLA_SM90_KV_CLUSTER must be 1, 2 or 4, got '", v, "'");
-  return v[0] - '0';
-}
-
 // The Hopper kernel's lazy softmax rescale threshold (decode_sm90.cuh max_grew), log2 units: O is
 // rescaled only when a row maximum grows by more than this. FLASHMLA_RESCALE_THRESHOLD=<number in
 // [0, 15]> sets it (0: whenever it grows, the eager rescale; read per call, for measurements and
@@ -237,8 +224,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.kv_evict_first = kv_evict_first(s.rows_per_head_k);
   p.partials_in_l2 = partials_in_l2() && s.head_dim_v % 32 == 0;
   p.sm90_seesaw = sm90_seesaw(s.rows_per_head_k, s.page_block_size);
-  p.sm90_kv_cluster = sm90_kv_cluster();
-  p.exp_placement_only = env_switch("FLASHMLA_SM90_EXP", false);
   TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
               "flash_mla_with_kvcache: k_cache is too large");
 
