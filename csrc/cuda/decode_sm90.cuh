@@ -53,7 +53,7 @@ struct Args {
 // kSeesaw: the schedule of the consumers (below, seesaw_consumers). Its P tiles live in the dead rope
 // slice of their KV stage when D = 576 (channels 512..575 are K only: no P V reads them), else in two
 // slices of their own; it exchanges four per-row values instead of two.
-template <int D, bool kSeesaw, int kEmptyPerStage = 1>
+template <int D, bool kSeesaw>
 struct Smem {
   static constexpr int kSlices = D / 64;
   static constexpr int q_bytes = kSlices * kSliceBytes;
@@ -64,7 +64,7 @@ struct Smem {
   // Full barriers per stage: the seesaw has one per 64-channel slice (its S wgmma starts on the first
   // slice that lands), the split schedule one per stage.
   static constexpr int full_per_stage = kSeesaw ? kSlices : 1;
-  static constexpr int barrier_bytes = (full_per_stage + kEmptyPerStage) * kStages * 8;
+  static constexpr int barrier_bytes = (full_per_stage + 1) * kStages * 8;
   static constexpr int total = q_bytes + kStages * stage_bytes + p_bytes + stats_bytes + valid_bytes + barrier_bytes +
                                1024;  // slack to align the start to 1024 bytes
 };
@@ -472,21 +472,16 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 // so one warpgroup's softmax overlaps the other's tensor-core work. l (row sums of P) is kept per
 // warpgroup in the same units and added at the end. The producer fills stage (tile % 2) and counts
 // the fills of each stage (a piece with an odd tile count leaves stage 1 out of its last pair).
-template <typename T, int D, int kExp>
+template <typename T, int D>
 __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemRegions& sm, int tid, const int* md,
                                                  int begin_batch, int end_batch, int hk, int row_base,
                                                  uint64_t l2_policy) {
-  constexpr bool kHalves = kExp & 1;  // EXPERIMENT: per-half release (empty barrier per stage and half)
-  using S = Smem<D, true, kHalves ? 2 : 1>;
+  using S = Smem<D, true>;
   const DecodeParams& p = args.p;
   const int ctid = tid - 128;  // 0..255
   const int cw = ctid / 128;
   const int lane = tid % 32;
   const int row_lo = ((ctid % 128) / 32) * 16 + lane / 4;  // accumulator rows row_lo, row_lo + 8
-  auto empty_of = [&](int st, int h) { return sm.empty_bar + 8 * (kHalves ? 2 * st + h : st); };
-  auto arrive_half = [&](int st, int h) {
-    if (lane == 0) mbar_arrive(empty_of(st, h));
-  };
   float* sM = sm.stats;              // [tile A, tile B][64 rows]: reference maxima after each tile
   float* sL = sm.stats + 2 * kRows;  // [warpgroup][64 rows]: row sums at the end of a piece
   const uint32_t q_addr = smem_u32(sm.q);
@@ -550,9 +545,6 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         }
         // s[4j + e]: token 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
         mask_scale_rowmax(s, tile_max, args, pc, t0, sm.valid + cw * kTokens, 0, last_visible, lane);
-        // Warpgroup 1 is done with slices 0-3 of its own stage (read by S, cleared, valid read).
-        if constexpr (kHalves)
-          if (cw == 1) arrive_half(1, 0);
       }
       // The own tile's softmax against the current m: moves m (lazily, warp-uniform), writes P to
       // registers (wgmma A fragments) and to this stage's P slot, publishes the new m, adds to l.
@@ -635,17 +627,9 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         }
         wgmma_commit();
       };
-      // halves: bit 0 = slices 0-3, bit 1 = the rest (kHalves; else the whole stage)
-      auto release = [&](int st, int halves = 3) {
+      auto release = [&](int st) {
         wgmma_wait<0>();
-        if (lane == 0) {
-          if constexpr (kHalves) {
-            if (halves & 1) mbar_arrive(empty_of(st, 0));
-            if (halves & 2) mbar_arrive(empty_of(st, 1));
-          } else {
-            mbar_arrive(sm.empty_bar + 8 * st);  // this warp is done with the stage
-          }
-        }
+        if (lane == 0) mbar_arrive(sm.empty_bar + 8 * st);  // this warp is done with the stage
       };
 
       if (cw == 0) {
@@ -662,19 +646,18 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         }
       } else {
         named_sync<kBarTileA>(kConsumerThreads);
-        if constexpr (kHalves) arrive_half(0, 0);  // warpgroup 1 never reads slices 0-3 of stage 0
         if (follow(sM)) rescale_o(o, step);
         pv(0, false);
         if (has_b) {
           const bool rescale = own_softmax(sM + kRows);
           named_arrive<kBarTileB>(kConsumerThreads);
-          release(0, 2);
+          release(0);
           if (rescale) rescale_o(o, step);
           pv(1, true);
-          release(1, 2);
+          release(1);
         } else {
           named_arrive<kBarTileB>(kConsumerThreads);
-          release(0, 2);
+          release(0);
         }
       }
     }
@@ -696,12 +679,10 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
   }
 }
 
-template <typename T, int D, bool kSeesaw, int kExp>
+template <typename T, int D, bool kSeesaw>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists only in the sm_90a pass of the build
-  constexpr bool kHalves = kSeesaw && (kExp & 1);
-  constexpr bool kRowTileMajor = kExp & 2;
-  using S = Smem<D, kSeesaw, kHalves ? 2 : 1>;
+  using S = Smem<D, kSeesaw>;
   using DT = Dtype<T>;
   const DecodeParams& p = args.p;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -721,11 +702,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 
   pdl_allow_dependents();  // the combine kernel may launch now; it waits for this grid (pdl.cuh)
   const int tid = threadIdx.x;
-  const int part = kRowTileMajor ? blockIdx.y : blockIdx.x;
-  const int tile_y = kRowTileMajor ? blockIdx.x : blockIdx.y;
+  const int part = blockIdx.x;
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
-  const int hk = tile_y / m_blocks;
-  const int row_base = (tile_y % m_blocks) * kRows;
+  const int hk = blockIdx.y / m_blocks;
+  const int row_base = (blockIdx.y % m_blocks) * kRows;
   const int* md = p.metadata + part * kMetadataWidth;
   const int begin_batch = max(md[0], 0), end_batch = min(md[2], p.batch - 1);
   const uint64_t l2_policy = kv_l2_policy(p.kv_evict_first);
@@ -734,7 +714,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
     for (int s = 0; s < kStages; ++s) {
       for (int f = 0; f < S::full_per_stage; ++f)
         mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : 128);
-      for (int h = 0; h < (kHalves ? 2 : 1); ++h) mbar_init(empty_bar + 8 * ((kHalves ? 2 : 1) * s + h), kConsumerThreads / 32);
+      mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -758,9 +738,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         // Split schedule: the ring runs on across pieces. Seesaw: tile 2k in stage 0, 2k + 1 in stage 1.
         const int stage = kSeesaw ? tile % kStages : it % kStages;
         const int use = !kSeesaw ? it / kStages : stage == 0 ? uses0++ : uses1++;
-        if (use >= 1) mbar_wait(empty_bar + 8 * (kHalves ? 2 * stage : stage), (use + 1) & 1);
-        if constexpr (kHalves)  // the cp.async gather writes every slice at once
-          if (!args.use_tma && use >= 1) mbar_wait(empty_bar + 8 * (2 * stage + 1), (use + 1) & 1);
+        if (use >= 1) mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
         const int t0 = pc.t_begin + tile * kTokens;
         const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
         unsigned char* valid = sValid + stage * kTokens;
@@ -778,8 +756,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             const int block_coord = block_ok ? block : p.num_blocks;
 #pragma unroll
             for (int slice = 0; slice < S::kSlices; ++slice) {
-              if constexpr (kHalves)
-                if (slice == 4 && use >= 1) mbar_wait(empty_bar + 8 * (2 * stage + 1), (use + 1) & 1);
               const uint32_t bar = kSeesaw ? stage_full + 8 * slice : stage_full;
               if constexpr (kSeesaw) mbar_arrive_expect_tx(bar, kSliceBytes);
               tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk, block_coord,
@@ -809,7 +785,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
     // ----------------------------------------------------------------------------- consumers
     if constexpr (kSeesaw) {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-      seesaw_consumers<T, D, kExp>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
+      seesaw_consumers<T, D>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
     } else {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
       const int ctid = tid - 128;  // 0..255

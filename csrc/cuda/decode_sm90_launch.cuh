@@ -4,7 +4,6 @@
 #include <c10/util/Exception.h>
 #include <cudaTypedefs.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "decode_launchers.h"
@@ -55,31 +54,18 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  // EXPERIMENT: FLASHMLA_SM90_EXP bit 0 = per-half stage release (seesaw), bit 1 = row tiles fastest in the grid
-  const char* exp_env = std::getenv("FLASHMLA_SM90_EXP");
-  const int exp = exp_env != nullptr && exp_env[0] != 0 ? std::atoi(exp_env) : 0;
-  auto run = [&](auto seesaw, auto experiment) {
+  auto run = [&](auto seesaw) {
     constexpr bool kSeesaw = decltype(seesaw)::value;
-    constexpr int kExp = decltype(experiment)::value;
-    constexpr int smem_bytes = Smem<D, kSeesaw, kSeesaw && (kExp & 1) ? 2 : 1>::total;
-    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw, kExp>;
+    constexpr int smem_bytes = Smem<D, kSeesaw>::total;
+    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    const dim3 grid = kExp & 2 ? dim3(p.num_heads_k * m_blocks, p.num_sm_parts) : dim3(p.num_sm_parts, p.num_heads_k * m_blocks);
-    kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
+    kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, smem_bytes, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  auto by_exp = [&](auto seesaw) {
-    switch (exp) {
-      case 1: run(seesaw, std::integral_constant<int, 1>{}); break;
-      case 2: run(seesaw, std::integral_constant<int, 2>{}); break;
-      case 3: run(seesaw, std::integral_constant<int, 3>{}); break;
-      default: run(seesaw, std::integral_constant<int, 0>{});
-    }
-  };
   if (p.sm90_seesaw)
-    by_exp(std::true_type{});
+    run(std::true_type{});
   else
-    by_exp(std::false_type{});
+    run(std::false_type{});
 }
 
 template <typename T>
