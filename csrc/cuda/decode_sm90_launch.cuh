@@ -25,7 +25,10 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 }
 
 // 4-D view of k_cache for TMA: (channel, token in page, kv head, block), boxes of 64 x 64 x 1 x 1
-// landing in the 128-byte swizzle the kernel reads.
+// landing in the 128-byte swizzle the kernel reads. L2 promotion 128 bytes: a box row is one 128-byte line (one
+// 64-channel slice of a token), so a miss fetches just that line. The 256-byte promotion (until the tenth session)
+// also fetched the token's next slice ahead of its own box; measured on the H200 (docs/KERNEL_NOTES.md v11, one build,
+// host-side switch): 128-byte 0.989-1.026x against it, 6 of 7 rows at 1.003x or more, memory-bound rows +0.3-1.4%.
 template <typename T>
 CUtensorMap make_kv_map(const DecodeParams& p) {
   CUtensorMap map;
@@ -39,7 +42,7 @@ CUtensorMap make_kv_map(const DecodeParams& p) {
       std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const CUresult rc = tensor_map_encoder()(&map, dtype, 4, const_cast<void*>(p.k_cache), dims, strides, box,
                                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                                           CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(rc == CUDA_SUCCESS, "flash_mla_with_kvcache: cuTensorMapEncodeTiled failed with error ", int(rc));
   return map;
 }
