@@ -53,26 +53,19 @@ struct Args {
 // kSeesaw: the schedule of the consumers (below, seesaw_consumers). Its P tiles live in the dead rope
 // slice of their KV stage when D = 576 (channels 512..575 are K only: no P V reads them), else in two
 // slices of their own; it exchanges four per-row values instead of two.
-// EXPERIMENT kTok = 32 (seesaw on TMA pages only): 32-token KV tiles in a ring of 4 stages (the same bytes as two
-// 64-token stages), so that while a pair of tiles is consumed the next pair loads; P tiles of 64 x 32 in a
-// 64-byte swizzle (4 KiB: the rope slice of a 32-token stage).
-template <int D, bool kSeesaw, int kTok = 64>
+template <int D, bool kSeesaw>
 struct Smem {
   static constexpr int kSlices = D / 64;
-  static constexpr int kTileTokens = kTok;
-  static constexpr int kRing = kTok == 64 ? kStages : 4;  // stages in the KV ring
-  static constexpr int kStageSlice = kTok * 128;          // one 64-channel slice of a stage
-  static constexpr int kPSlot = kTok == 64 ? kSliceBytes : 4096;
   static constexpr int q_bytes = kSlices * kSliceBytes;
-  static constexpr int stage_bytes = kSlices * kStageSlice;
-  static constexpr int p_bytes = !kSeesaw ? kSliceBytes : (D > kDimV ? 0 : kRing * kPSlot);
+  static constexpr int stage_bytes = kSlices * kSliceBytes;
+  static constexpr int p_bytes = !kSeesaw ? kSliceBytes : (D > kDimV ? 0 : kStages * kSliceBytes);
   static constexpr int stats_bytes = (kSeesaw ? 4 : 2) * kRows * sizeof(float);
-  static constexpr int valid_bytes = kRing * kTok;
+  static constexpr int valid_bytes = kStages * kTokens;
   // Full barriers per stage: the seesaw has one per 64-channel slice (its S wgmma starts on the first
   // slice that lands), the split schedule one per stage.
   static constexpr int full_per_stage = kSeesaw ? kSlices : 1;
-  static constexpr int barrier_bytes = (full_per_stage + 1) * kRing * 8;
-  static constexpr int total = q_bytes + kRing * stage_bytes + p_bytes + stats_bytes + valid_bytes + barrier_bytes +
+  static constexpr int barrier_bytes = (full_per_stage + 1) * kStages * 8;
+  static constexpr int total = q_bytes + kStages * stage_bytes + p_bytes + stats_bytes + valid_bytes + barrier_bytes +
                                1024;  // slack to align the start to 1024 bytes
 };
 
@@ -100,14 +93,6 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lead_bytes
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lead_bytes >> 4) & 0x3FFF) << 16) |
          (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
-
-// The same for a 64-byte-swizzled K-major operand (rows of 64 bytes; 8-row groups 512 bytes apart).
-__device__ __forceinline__ uint64_t make_desc_sw64(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lead_bytes >> 4) & 0x3FFF) << 16) |
-         (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(2) << 62);
-}
-// Byte offset of 16-byte chunk `chunk` (0..3) of row `row` in a 64-byte-swizzled matrix.
-__device__ __forceinline__ int swizzled64(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) * 16); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -299,10 +284,7 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
 struct Piece {
   int seqlen, t_begin, t_end, split_row;
   bool whole;
-  template <int kTok = kTokens>
-  __device__ int num_tiles() const {
-    return (t_end - t_begin + kTok - 1) / kTok;
-  }
+  __device__ int num_tiles() const { return (t_end - t_begin + kTokens - 1) / kTokens; }
 };
 
 __device__ __forceinline__ Piece piece_of(const DecodeParams& p, const int* md, int b) {
@@ -320,10 +302,10 @@ __device__ __forceinline__ Piece piece_of(const DecodeParams& p, const int* md, 
 // A tile of TMA mode that needs no per-token mask: inside the piece, on a valid block (one page per tile,
 // so valid[0] says it for every token) and wholly before both of the thread's rows' causal limits
 // (KERNEL_NOTES v9b: seesaw 1.00-1.06x; v10: split about 1.005x).
-template <int kTok = kTokens>
 __device__ __forceinline__ bool whole_visible_tile(const Args& args, const Piece& pc, int t0,
                                                    const unsigned char* valid, const int (&last_visible)[2]) {
-  return args.use_tma && t0 + kTok <= pc.t_end && valid[0] && t0 + kTok - 1 <= min(last_visible[0], last_visible[1]);
+  return args.use_tma && t0 + kTokens <= pc.t_end && valid[0] &&
+         t0 + kTokens - 1 <= min(last_visible[0], last_visible[1]);
 }
 
 // Copies 64 rows of D channels into a swizzled matrix with `threads` threads (8 per row);
@@ -361,11 +343,10 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, uint32_t sq, int c
 // TMA brings whole pages: zero the V rows [first_dead, 64) of a KV stage (tokens past the piece may
 // hold NaN, and P = 0 times NaN is NaN), by `threads` threads (t = 0..threads-1). Channels past 512
 // only meet masked scores. The caller fences (fence_proxy_async) and syncs before any P V reads it.
-template <int kTok = kTokens>
 __device__ __forceinline__ void clear_dead_v(unsigned char* stage_ptr, int first_dead, int t, int threads) {
-  for (int idx = t; idx < (kTok - first_dead) * (kDimV / 8); idx += threads) {
+  for (int idx = t; idx < (kTokens - first_dead) * (kDimV / 8); idx += threads) {
     const int r = first_dead + idx / (kDimV / 8), c = idx % (kDimV / 8);
-    *reinterpret_cast<uint4*>(stage_ptr + (c / 8) * (kTok * 128) + swizzled(r, c % 8)) = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(stage_ptr + (c / 8) * kSliceBytes + swizzled(r, c % 8)) = make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -378,13 +359,13 @@ __device__ __forceinline__ float quad_max(float x) {
 // Scales this thread's scores of a tile to the log2 domain, masks the tokens it may not see (-inf) and
 // takes their row maxima over the quad. s[4 j + e] is token first_token + 8 j + 2 (lane % 4) + (e & 1) of
 // the tile (t0 ..), row half e / 2; N / 4 groups of 8 tokens. A whole visible tile skips the mask.
-template <int N, int kTok = kTokens>
+template <int N>
 __device__ __forceinline__ void mask_scale_rowmax(float (&s)[N], float (&tile_max)[2], const Args& args,
                                                   const Piece& pc, int t0, const unsigned char* valid, int first_token,
                                                   const int (&last_visible)[2], int lane) {
   const float scale = args.p.scale_log2;
   tile_max[0] = tile_max[1] = -INFINITY;
-  if (whole_visible_tile<kTok>(args, pc, t0, valid, last_visible)) {
+  if (whole_visible_tile(args, pc, t0, valid, last_visible)) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       s[i] *= scale;
@@ -491,11 +472,11 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 // so one warpgroup's softmax overlaps the other's tensor-core work. l (row sums of P) is kept per
 // warpgroup in the same units and added at the end. The producer fills stage (tile % 2) and counts
 // the fills of each stage (a piece with an odd tile count leaves stage 1 out of its last pair).
-template <typename T, int D, int kTok>
+template <typename T, int D>
 __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemRegions& sm, int tid, const int* md,
                                                  int begin_batch, int end_batch, int hk, int row_base,
                                                  uint64_t l2_policy) {
-  using S = Smem<D, true, kTok>;
+  using S = Smem<D, true>;
   const DecodeParams& p = args.p;
   const int ctid = tid - 128;  // 0..255
   const int cw = ctid / 128;
@@ -507,13 +488,12 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
   const uint32_t kv_base = smem_u32(sm.kv);  // stage st at kv_base + st * S::stage_bytes
   // P of the tile in stage st: the dead rope slice of that stage (D = 576), else a slice of its own.
   auto p_slot = [&](int st) -> unsigned char* {
-    return D > kDimV ? sm.kv + st * S::stage_bytes + kDimV / 64 * S::kStageSlice : sm.p + st * S::kPSlot;
+    return D > kDimV ? sm.kv + st * S::stage_bytes + kDimV / 64 * kSliceBytes : sm.p + st * kSliceBytes;
   };
   int uses0 = 0, uses1 = 0;  // fills of stage 0 / 1 consumed so far (the producer counts alike)
-  int pair = 0;              // kTok = 32: pairs so far (pair g uses stages 2 (g % 2) and + 1)
   for (int b = begin_batch; b <= end_batch; ++b) {
     const Piece pc = piece_of(p, md, b);
-    const int num_tiles = pc.num_tiles<kTok>();
+    const int num_tiles = pc.num_tiles();
     if (num_tiles > 0) {
       load_q<D, T>(p, q_addr, ctid, b, hk, row_base, l2_policy);
       cp_async_wait_all();
@@ -530,48 +510,33 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
 
     for (int t2 = 0; t2 < num_tiles; t2 += 2) {
       const bool has_b = t2 + 1 < num_tiles;
-      int use_a, use_b, sA;  // fills of the pair's stages consumed before; stage of tile A (B's is sA + 1)
-      if constexpr (kTok == 64) {
-        use_a = uses0++;
-        use_b = has_b ? uses1++ : 0;
-        sA = 0;
-      } else {
-        use_a = pair >> 1;
-        use_b = has_b ? ((pair & 1) ? uses1++ : uses0++) : 0;  // B fills per stage pair
-        sA = 2 * (pair & 1);
-        ++pair;
-      }
-      const int sB = sA + 1;
-      const int s_own = sA + cw;
-      // This warpgroup's own tile (t2 + cw, in stage s_own): S, mask, row maxima.
-      float s[kTok / 2];
+      const int use_a = uses0++;
+      const int use_b = has_b ? uses1++ : 0;
+      // This warpgroup's own tile (t2 + cw, in stage cw): S, mask, row maxima.
+      float s[32];
       float tile_max[2] = {-INFINITY, -INFINITY};
       if (cw == 0 || has_b) {
-        const int t0 = pc.t_begin + (t2 + cw) * kTok;
+        const int t0 = pc.t_begin + (t2 + cw) * kTokens;
         const uint32_t parity = (cw == 0 ? use_a : use_b) & 1;
 #pragma unroll
-        for (int i = 0; i < kTok / 2; ++i) s[i] = 0.f;
+        for (int i = 0; i < 32; ++i) s[i] = 0.f;
 #pragma unroll
         for (int slice = 0; slice < S::kSlices; ++slice) {
-          mbar_wait(sm.full_bar + 8 * (s_own * S::full_per_stage + slice), parity);
+          mbar_wait(sm.full_bar + 8 * (cw * S::full_per_stage + slice), parity);
           wgmma_fence();  // after each wait: else ptxas serializes the wgmmas (C7520, the wait is a branch)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
             const uint64_t da = make_desc(q_addr + slice * kSliceBytes + kk * 32, 16, 1024);
-            const uint64_t db =
-                make_desc(kv_base + s_own * S::stage_bytes + slice * S::kStageSlice + kk * 32, 16, 1024);
-            if constexpr (kTok == 64)
-              wgmma_m64n64k16<T>(s, da, db);
-            else
-              wgmma_m64n32k16<T>(s, da, db);
+            const uint64_t db = make_desc(kv_base + cw * S::stage_bytes + slice * kSliceBytes + kk * 32, 16, 1024);
+            wgmma_m64n64k16<T>(s, da, db);
           }
         }
         wgmma_commit();
         wgmma_wait<0>();
-        if (args.use_tma && t0 + kTok > pc.t_end) {
+        if (args.use_tma && t0 + kTokens > pc.t_end) {
           // Every slice has landed. The other warpgroup reads these V rows only after this one's
           // handshake barrier.
-          clear_dead_v<kTok>(sm.kv + s_own * S::stage_bytes, pc.t_end - t0, ctid % 128, 128);
+          clear_dead_v(sm.kv + cw * S::stage_bytes, pc.t_end - t0, ctid % 128, 128);
           fence_proxy_async();
           if (cw == 0)
             named_sync<kBarWarpgroup>(128);
@@ -579,12 +544,12 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
             named_sync<kBarWarpgroup + 1>(128);
         }
         // s[4j + e]: token 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
-        mask_scale_rowmax<kTok / 2, kTok>(s, tile_max, args, pc, t0, sm.valid + s_own * kTok, 0, last_visible, lane);
+        mask_scale_rowmax(s, tile_max, args, pc, t0, sm.valid + cw * kTokens, 0, last_visible, lane);
       }
       // The own tile's softmax against the current m: moves m (lazily, warp-uniform), writes P to
       // registers (wgmma A fragments) and to this stage's P slot, publishes the new m, adds to l.
-      uint32_t pf[kTok / 4];  // [k16 step kt][4]: rows row_lo / row_lo + 8, tokens 16 kt + 2 (lane % 4) + {0, 1, 8, 9}
-      float step[2];          // factor O and l take on this step: 2^(m_old - m_new)
+      uint32_t pf[16];  // [k16 step kt][4]: rows row_lo / row_lo + 8, tokens 16 kt + 2 (lane % 4) + {0, 1, 8, 9}
+      float step[2];    // factor O and l take on this step: 2^(m_old - m_new)
       auto own_softmax = [&](float* sm_row) {
         float m_new[2];
         bool grew = false;
@@ -601,9 +566,9 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
           step[h] = exp2f(m[h] - ref_base(m_new[h]));
           m[h] = m_new[h];
         }
-        unsigned char* slot = p_slot(s_own);
+        unsigned char* slot = p_slot(cw);
 #pragma unroll
-        for (int j = 0; j < kTok / 8; ++j) {
+        for (int j = 0; j < 8; ++j) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const float base = ref_base(m[h]);
@@ -620,9 +585,9 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
           const int r = ((ctid % 128) / 32) * 16 + 8 * (mi % 2) + lane % 8;
           const uint32_t slot_addr = smem_u32(slot);
 #pragma unroll
-          for (int q = 0; q < kTok / 16; ++q)
-            stmatrix_x4(slot_addr + (kTok == 64 ? swizzled(r, 2 * q + mi / 2) : swizzled64(r, 2 * q + mi / 2)),
-                        pf[4 * q], pf[4 * q + 1], pf[4 * q + 2], pf[4 * q + 3]);
+          for (int q = 0; q < 4; ++q)
+            stmatrix_x4(slot_addr + swizzled(r, 2 * q + mi / 2), pf[4 * q], pf[4 * q + 1], pf[4 * q + 2],
+                        pf[4 * q + 3]);
         }
         if (lane % 4 == 0) {
           sm_row[row_lo] = m[0];
@@ -650,15 +615,14 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
       auto pv = [&](int st, bool p_in_registers) {
         wgmma_fence();
 #pragma unroll
-        for (int kt = 0; kt < kTok / 16; ++kt) {
-          const uint64_t db = make_desc(kv_base + st * S::stage_bytes + (4 * cw) * S::kStageSlice + kt * 16 * 128,
-                                        S::kStageSlice, 1024);
+        for (int kt = 0; kt < kTokens / 16; ++kt) {
+          const uint64_t db =
+              make_desc(kv_base + st * S::stage_bytes + (4 * cw) * kSliceBytes + kt * 16 * 128, kSliceBytes, 1024);
           if (p_in_registers) {
             const uint32_t a[4] = {pf[4 * kt], pf[4 * kt + 1], pf[4 * kt + 2], pf[4 * kt + 3]};
             wgmma_m64n256k16_rs<T>(o, a, db);
           } else {
-            const uint32_t pa = smem_u32(p_slot(st)) + kt * 32;
-            wgmma_m64n256k16<T>(o, kTok == 64 ? make_desc(pa, 16, 1024) : make_desc_sw64(pa, 16, 512), db);
+            wgmma_m64n256k16<T>(o, make_desc(smem_u32(p_slot(st)) + kt * 32, 16, 1024), db);
           }
         }
         wgmma_commit();
@@ -672,28 +636,28 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         const bool rescale = own_softmax(sM);
         named_arrive<kBarTileA>(kConsumerThreads);
         if (rescale) rescale_o(o, step);
-        pv(sA, true);
-        release(sA);  // before waiting for tile B: the producer refills stage A sooner
+        pv(0, true);
+        release(0);  // before waiting for tile B: the producer refills stage 0 sooner
         named_sync<kBarTileB>(kConsumerThreads);
         if (has_b) {
           if (follow(sM + kRows)) rescale_o(o, step);
-          pv(sB, false);
-          release(sB);
+          pv(1, false);
+          release(1);
         }
       } else {
         named_sync<kBarTileA>(kConsumerThreads);
         if (follow(sM)) rescale_o(o, step);
-        pv(sA, false);
+        pv(0, false);
         if (has_b) {
           const bool rescale = own_softmax(sM + kRows);
           named_arrive<kBarTileB>(kConsumerThreads);
-          release(sA);
+          release(0);
           if (rescale) rescale_o(o, step);
-          pv(sB, true);
-          release(sB);
+          pv(1, true);
+          release(1);
         } else {
           named_arrive<kBarTileB>(kConsumerThreads);
-          release(sA);
+          release(0);
         }
       }
     }
@@ -715,11 +679,10 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
   }
 }
 
-template <typename T, int D, bool kSeesaw, int kTok = kTokens>
+template <typename T, int D, bool kSeesaw>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists only in the sm_90a pass of the build
-  static_assert(kTok == 64 || kSeesaw, "32-token tiles: seesaw only");
-  using S = Smem<D, kSeesaw, kTok>;
+  using S = Smem<D, kSeesaw>;
   using DT = Dtype<T>;
   const DecodeParams& p = args.p;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -730,11 +693,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   unsigned char* sQ = smem;
   unsigned char* sKV = sQ + S::q_bytes;  // kStages stages
-  unsigned char* sP = sKV + S::kRing * S::stage_bytes;
+  unsigned char* sP = sKV + kStages * S::stage_bytes;
   float* sStats = reinterpret_cast<float*>(sP + S::p_bytes);                          // [2 consumers][64 rows]
   unsigned char* sValid = reinterpret_cast<unsigned char*>(sStats) + S::stats_bytes;  // [stage][token]
   const uint32_t full_bar = smem_u32(sValid + S::valid_bytes);  // [stage][S::full_per_stage], 8 bytes each
-  const uint32_t empty_bar = full_bar + S::kRing * S::full_per_stage * 8;
+  const uint32_t empty_bar = full_bar + kStages * S::full_per_stage * 8;
   const SmemRegions regions{sQ, sKV, sP, sStats, sValid, full_bar, empty_bar};
 
   pdl_allow_dependents();  // the combine kernel may launch now; it waits for this grid (pdl.cuh)
@@ -748,7 +711,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   const uint64_t l2_policy = kv_l2_policy(p.kv_evict_first);
 
   if (tid == 0) {
-    for (int s = 0; s < S::kRing; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       for (int f = 0; f < S::full_per_stage; ++f)
         mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : 128);
       mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
@@ -767,33 +730,24 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
     if (args.use_tma && tid >= 32) return;
     int it = 0;
-    int uses0 = 0, uses1 = 0;  // seesaw: fills of stage 0 / 1 so far (kTok = 32: B fills of stages 1 / 3)
-    int pair = 0;              // kTok = 32: pairs so far (pair g fills stages 2 (g % 2) and + 1)
+    int uses0 = 0, uses1 = 0;  // seesaw: fills of stage 0 / 1 so far
     for (int b = begin_batch; b <= end_batch; ++b) {
       const Piece pc = piece_of(p, md, b);
       const int* table = p.block_table + int64_t(b) * p.block_table_stride;
-      for (int tile = 0; tile < pc.num_tiles<kTok>(); ++tile, ++it) {
+      for (int tile = 0; tile < pc.num_tiles(); ++tile, ++it) {
         // Split schedule: the ring runs on across pieces. Seesaw: tile 2k in stage 0, 2k + 1 in stage 1.
-        int stage, use;
-        if constexpr (kTok == 64) {
-          stage = kSeesaw ? tile % kStages : it % kStages;
-          use = !kSeesaw ? it / kStages : stage == 0 ? uses0++ : uses1++;
-        } else {
-          if (tile % 2 == 0) ++pair;
-          const int g = pair - 1;
-          stage = 2 * (g & 1) + tile % 2;
-          use = tile % 2 == 0 ? g >> 1 : (g & 1) ? uses1++ : uses0++;
-        }
+        const int stage = kSeesaw ? tile % kStages : it % kStages;
+        const int use = !kSeesaw ? it / kStages : stage == 0 ? uses0++ : uses1++;
         if (use >= 1) mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
-        const int t0 = pc.t_begin + tile * kTok;
+        const int t0 = pc.t_begin + tile * kTokens;
         const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
-        unsigned char* valid = sValid + stage * kTok;
+        unsigned char* valid = sValid + stage * kTokens;
         if (args.use_tma) {
-          // The tile is tokens [t0, t0 + kTok) of one page (page_block_size % 64 == 0, t0 % kTok == 0).
+          // The tile is tokens [t0, t0 + 64) of one page (page_block_size % 64 == 0, t0 % 64 == 0).
           const int block = table[t0 / p.page_block_size];
           const bool block_ok = block >= 0 && block < p.num_blocks;
           valid[tid] = block_ok && t0 + tid < pc.t_end;
-          if constexpr (kTok == 64) valid[tid + 32] = block_ok && t0 + tid + 32 < pc.t_end;
+          valid[tid + 32] = block_ok && t0 + tid + 32 < pc.t_end;
           __syncwarp();
           if (tid == 0) {
             const uint32_t stage_full = full_bar + 8 * stage * S::full_per_stage;
@@ -803,12 +757,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 #pragma unroll
             for (int slice = 0; slice < S::kSlices; ++slice) {
               const uint32_t bar = kSeesaw ? stage_full + 8 * slice : stage_full;
-              if constexpr (kSeesaw) mbar_arrive_expect_tx(bar, S::kStageSlice);
-              tma_load_4d(dst + slice * S::kStageSlice, &args.kv_map, slice * 64, t0 % p.page_block_size, hk,
-                          block_coord, bar, l2_policy);
+              if constexpr (kSeesaw) mbar_arrive_expect_tx(bar, kSliceBytes);
+              tma_load_4d(dst + slice * kSliceBytes, &args.kv_map, slice * 64, t0 % p.page_block_size, hk, block_coord,
+                          bar, l2_policy);
             }
           }
-        } else if constexpr (kTok == 64) {  // (32-token tiles are launched on TMA pages only)
+        } else {
           gather_rows<D, 128>(dst, tid, static_cast<const T*>(p.k_cache), l2_policy, [&](int j) -> const T* {
             const int t = t0 + j;
             const T* src = nullptr;
@@ -831,7 +785,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
     // ----------------------------------------------------------------------------- consumers
     if constexpr (kSeesaw) {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-      seesaw_consumers<T, D, kTok>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
+      seesaw_consumers<T, D>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
     } else {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
       const int ctid = tid - 128;  // 0..255

@@ -4,8 +4,6 @@
 #include <c10/util/Exception.h>
 #include <cudaTypedefs.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "decode_launchers.h"
@@ -32,13 +30,13 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // also fetched the token's next slice ahead of its own box; measured on the H200 (docs/KERNEL_NOTES.md v11, one build,
 // host-side switch): 128-byte 0.989-1.026x against it, 6 of 7 rows at 1.003x or more, memory-bound rows +0.3-1.4%.
 template <typename T>
-CUtensorMap make_kv_map(const DecodeParams& p, int tile_tokens) {
+CUtensorMap make_kv_map(const DecodeParams& p) {
   CUtensorMap map;
   const cuuint64_t dims[4] = {cuuint64_t(p.head_dim), cuuint64_t(p.page_block_size), cuuint64_t(p.num_heads_k),
                               cuuint64_t(p.num_blocks)};
   const cuuint64_t strides[3] = {cuuint64_t(p.k_stride_token) * sizeof(T), cuuint64_t(p.k_stride_head) * sizeof(T),
                                  cuuint64_t(p.k_stride_block) * sizeof(T)};
-  const cuuint32_t box[4] = {64, cuuint32_t(tile_tokens), 1, 1};
+  const cuuint32_t box[4] = {64, kTokens, 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const auto dtype =
       std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
@@ -58,25 +56,19 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   args.p.partials_in_l2 = p.partials_in_l2 && m_blocks == 1;  // l2_policy.cuh
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
-  // EXPERIMENT: FLASHMLA_SM90_EXP=1 runs the seesaw on 32-token tiles (a ring of 4 stages) on TMA pages.
-  const char* exp_env = std::getenv("FLASHMLA_SM90_EXP");
-  const bool tiles32 = exp_env != nullptr && std::strcmp(exp_env, "1") == 0 && p.sm90_seesaw && args.use_tma;
-  if (args.use_tma) args.kv_map = make_kv_map<T>(p, tiles32 ? 32 : kTokens);
-  auto run = [&](auto seesaw, auto tile_tokens) {
+  if (args.use_tma) args.kv_map = make_kv_map<T>(p);
+  auto run = [&](auto seesaw) {
     constexpr bool kSeesaw = decltype(seesaw)::value;
-    constexpr int kTok = decltype(tile_tokens)::value;
-    constexpr int smem_bytes = Smem<D, kSeesaw, kTok>::total;
-    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw, kTok>;
+    constexpr int smem_bytes = Smem<D, kSeesaw>::total;
+    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
     kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, smem_bytes, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (tiles32)
-    run(std::true_type{}, std::integral_constant<int, 32>{});
-  else if (p.sm90_seesaw)
-    run(std::true_type{}, std::integral_constant<int, kTokens>{});
+  if (p.sm90_seesaw)
+    run(std::true_type{});
   else
-    run(std::false_type{}, std::integral_constant<int, kTokens>{});
+    run(std::false_type{});
 }
 
 template <typename T>
