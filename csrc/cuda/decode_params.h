@@ -38,11 +38,16 @@ struct DecodeParams {
   // The last token that row `row` of a KV head's query rows (query index * num_heads_per_head_k +
   // head; rows past rows_per_head_k, the padding of a row tile, count as the last real row) may see
   // in a sequence of `seqlen` tokens: causal rows see up to their own position (the query tokens
-  // are the sequence's last seqlen_q), others every token. (decode_portable.cuh writes the same
-  // expression inline: its compiled schedule moves with any change of its source, so it changes only
-  // with a measurement.)
+  // are the sequence's last seqlen_q), others every token. Both CUDA kernels use it (the CPU kernel,
+  // csrc/cpu/mla_cpu.cpp, states the same rule on its own).
+  // g = num_heads_per_head_k. The portable kernel passes its register copy: with the member read here
+  // instead, ptxas scheduled its tile loop differently (a change that needs a measurement there); with
+  // g passed, both kernels' SASS is what it was when the portable kernel wrote this inline (cuobjdump).
+  __device__ __forceinline__ int last_visible(int seqlen, int row, int g) const {
+    return causal ? seqlen - seqlen_q + min(row, rows_per_head_k - 1) / g : seqlen - 1;
+  }
   __device__ __forceinline__ int last_visible(int seqlen, int row) const {
-    return causal ? seqlen - seqlen_q + min(row, rows_per_head_k - 1) / num_heads_per_head_k : seqlen - 1;
+    return last_visible(seqlen, row, num_heads_per_head_k);
   }
 #endif
 };

@@ -314,7 +314,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         row_max[mw][h] = -INFINITY;
         row_sum[mw][h] = 0.f;
         const int row = row_base + warp_row0 + mw * 16 + lane / 4 + 8 * h;
-        last_visible[mw][h] = p.causal ? seqlen - p.seqlen_q + min(row, p.rows_per_head_k - 1) / g : seqlen - 1;
+        last_visible[mw][h] = p.last_visible(seqlen, row, g);
       }
     }
 
