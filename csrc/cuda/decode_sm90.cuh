@@ -472,7 +472,7 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 // so one warpgroup's softmax overlaps the other's tensor-core work. l (row sums of P) is kept per
 // warpgroup in the same units and added at the end. The producer fills stage (tile % 2) and counts
 // the fills of each stage (a piece with an odd tile count leaves stage 1 out of its last pair).
-template <typename T, int D, bool kPrefetchQ>
+template <typename T, int D>
 __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemRegions& sm, int tid, const int* md,
                                                  int begin_batch, int end_batch, int hk, int row_base,
                                                  uint64_t l2_policy) {
@@ -491,19 +491,15 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
     return D > kDimV ? sm.kv + st * S::stage_bytes + kDimV / 64 * kSliceBytes : sm.p + st * kSliceBytes;
   };
   int uses0 = 0, uses1 = 0;  // fills of stage 0 / 1 consumed so far (the producer counts alike)
-  bool q_ready = false;      // kPrefetchQ: this piece's Q loads were issued during the previous piece
   for (int b = begin_batch; b <= end_batch; ++b) {
     const Piece pc = piece_of(p, md, b);
     const int num_tiles = pc.num_tiles();
     if (num_tiles > 0) {
-      if (!q_ready) load_q<D, T>(p, q_addr, ctid, b, hk, row_base, l2_policy);
+      load_q<D, T>(p, q_addr, ctid, b, hk, row_base, l2_policy);
       cp_async_wait_all();
       fence_proxy_async();
       consumer_sync();
     }
-    // kPrefetchQ: the next piece's Q is loaded into sQ once both warpgroups' last S of this piece is done.
-    const bool prefetch_next = kPrefetchQ && b < end_batch && piece_of(p, md, b + 1).num_tiles() > 0;
-    q_ready = false;
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -643,11 +639,6 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         pv(0, true);
         release(0);  // before waiting for tile B: the producer refills stage 0 sooner
         named_sync<kBarTileB>(kConsumerThreads);
-        // Barrier B: warpgroup 1's S_B is done too, so this pair's S no longer reads sQ.
-        if (kPrefetchQ && prefetch_next && t2 + 2 >= num_tiles) {
-          load_q<D, T>(p, q_addr, ctid, b + 1, hk, row_base, l2_policy);
-          q_ready = true;
-        }
         if (has_b) {
           if (follow(sM + kRows)) rescale_o(o, step);
           pv(1, false);
@@ -655,11 +646,6 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         }
       } else {
         named_sync<kBarTileA>(kConsumerThreads);
-        // Barrier A: warpgroup 0's S_A is done, and this warpgroup's S_B came before it.
-        if (kPrefetchQ && prefetch_next && t2 + 2 >= num_tiles) {
-          load_q<D, T>(p, q_addr, ctid, b + 1, hk, row_base, l2_policy);
-          q_ready = true;
-        }
         if (follow(sM)) rescale_o(o, step);
         pv(0, false);
         if (has_b) {
@@ -689,11 +675,11 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
     consumer_sync();
     const float total[2] = {sL[row_lo] + sL[kRows + row_lo], sL[row_lo + 8] + sL[kRows + row_lo + 8]};
     store_rows<T>(p, pc, b, hk, row_base, row_lo, cw, lane, o, m, total);
-    consumer_sync();  // sQ (unless prefetched) and the stats are reused by the next sequence
+    consumer_sync();  // sQ and the stats are reused by the next sequence
   }
 }
 
-template <typename T, int D, bool kSeesaw, bool kPrefetchQ>
+template <typename T, int D, bool kSeesaw>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists only in the sm_90a pass of the build
   using S = Smem<D, kSeesaw>;
@@ -799,7 +785,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
     // ----------------------------------------------------------------------------- consumers
     if constexpr (kSeesaw) {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-      seesaw_consumers<T, D, kPrefetchQ>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
+      seesaw_consumers<T, D>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
     } else {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
       const int ctid = tid - 128;  // 0..255
@@ -807,18 +793,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       const int lane = tid % 32;
       const int row_lo = ((ctid % 128) / 32) * 16 + lane / 4;  // accumulator rows row_lo, row_lo + 8
       int it = 0;
-      bool q_ready = false;  // kPrefetchQ: this piece's Q loads were issued during the previous piece
       for (int b = begin_batch; b <= end_batch; ++b) {
         const Piece pc = piece_of(p, md, b);
         const int num_tiles = pc.num_tiles();
         if (num_tiles > 0) {
-          if (!q_ready) load_q<D, T>(p, smem_u32(sQ), ctid, b, hk, row_base, l2_policy);
+          load_q<D, T>(p, smem_u32(sQ), ctid, b, hk, row_base, l2_policy);
           cp_async_wait_all();
           fence_proxy_async();
           consumer_sync();
         }
-        const bool prefetch_next = kPrefetchQ && b < end_batch && piece_of(p, md, b + 1).num_tiles() > 0;
-        q_ready = false;
         float o[128];
 #pragma unroll
         for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -865,11 +848,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
             sStats[cw * kRows + row_lo + 8] = tile_max[1];
           }
           consumer_sync();
-          // Both warpgroups' S of the piece's last tile is done: sQ is free for the next piece.
-          if (kPrefetchQ && prefetch_next && tile == num_tiles - 1) {
-            load_q<D, T>(p, smem_u32(sQ), ctid, b + 1, hk, row_base, l2_policy);
-            q_ready = true;
-          }
           // Lazy rescale (max_grew): warp w of both warpgroups holds the same rows and reads the same
           // sStats, so both decide alike.
           float m_new[2];

@@ -4,8 +4,6 @@
 #include <c10/util/Exception.h>
 #include <cudaTypedefs.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "decode_launchers.h"
@@ -59,27 +57,18 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  // EXPERIMENT: FLASHMLA_SM90_EXP=1 issues the next piece's Q loads once this piece's last S is done.
-  const char* exp_env = std::getenv("FLASHMLA_SM90_EXP");
-  const bool prefetch_q = exp_env != nullptr && std::strcmp(exp_env, "1") == 0;
-  auto run = [&](auto seesaw, auto prefetch) {
+  auto run = [&](auto seesaw) {
     constexpr bool kSeesaw = decltype(seesaw)::value;
     constexpr int smem_bytes = Smem<D, kSeesaw>::total;
-    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw, decltype(prefetch)::value>;
+    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
     kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, smem_bytes, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  auto run_schedule = [&](auto prefetch) {
-    if (p.sm90_seesaw)
-      run(std::true_type{}, prefetch);
-    else
-      run(std::false_type{}, prefetch);
-  };
-  if (prefetch_q)
-    run_schedule(std::true_type{});
+  if (p.sm90_seesaw)
+    run(std::true_type{});
   else
-    run_schedule(std::false_type{});
+    run(std::false_type{});
 }
 
 template <typename T>
