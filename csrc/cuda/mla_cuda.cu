@@ -239,9 +239,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   if (!launched) {
     // The portable kernel stores its partial results plainly (the evict-last stores measured 1-4% slower
     // there, through its schedule): no discards either, so this path is the one measured without them.
-    // EXPERIMENT: FLASHMLA_PORTABLE_DISCARD=1 keeps partials_in_l2 for the combine only (its discards of the
-    // lines it read; the portable kernel does not read the flag, so its code is unchanged).
-    p.partials_in_l2 = p.partials_in_l2 && env_switch("FLASHMLA_PORTABLE_DISCARD", false);
+    p.partials_in_l2 = false;
     if (is_bf16)
       launch_portable_decode_bf16(p, dev.smem_optin, stream);
     else
