@@ -48,11 +48,6 @@ struct Args {
   CUtensorMap kv_map;  // 4-D (channel, token in page, kv head, block) view of k_cache; TMA mode only
   DecodeParams p;
   bool use_tma;
-  // EXPERIMENT (FLASHMLA_SM90_EXP): KV L2 priority by row tile when several row tiles read the same KV.
-  // 0 = main (evict-normal); 1 = the last row tile evict-first; 2 = as 1, the other row tiles evict-last;
-  // 3 = every row tile evict-last; 4 = every row tile evict-first (FlashMLA's deep-dive: EVICT_FIRST on
-  // every KV TMA copy, at h_q = 128 too).
-  int kv_l2_mode;
 };
 
 // kSeesaw: the schedule of the consumers (below, seesaw_consumers). Its P tiles live in the dead rope
@@ -713,14 +708,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   const int row_base = (blockIdx.y % m_blocks) * kRows;
   const int* md = p.metadata + part * kMetadataWidth;
   const int begin_batch = max(md[0], 0), end_batch = min(md[2], p.batch - 1);
-  uint64_t l2_policy = kv_l2_policy(p.kv_evict_first);
-  if (args.kv_l2_mode != 0 && m_blocks > 1) {
-    const bool last_tile = blockIdx.y % m_blocks == m_blocks - 1;
-    if (args.kv_l2_mode == 4 || (last_tile && args.kv_l2_mode <= 2))
-      l2_policy = l2_policy_if<L2Evict::kFirst>(true);
-    else if (args.kv_l2_mode >= 2)
-      l2_policy = l2_policy_if<L2Evict::kLast>(true);
-  }
+  const uint64_t l2_policy = kv_l2_policy(p.kv_evict_first);
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {

@@ -4,7 +4,6 @@
 #include <c10/util/Exception.h>
 #include <cudaTypedefs.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "decode_launchers.h"
@@ -58,8 +57,6 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  const char* exp_env = std::getenv("FLASHMLA_SM90_EXP");  // EXPERIMENT: Args::kv_l2_mode
-  args.kv_l2_mode = exp_env != nullptr ? std::atoi(exp_env) : 0;
   auto run = [&](auto seesaw) {
     constexpr bool kSeesaw = decltype(seesaw)::value;
     constexpr int smem_bytes = Smem<D, kSeesaw>::total;
