@@ -28,8 +28,8 @@ struct DecodeParams {
   float rescale_threshold;  // Hopper kernel's lazy softmax rescale (decode_sm90.cuh max_grew), log2 units, >= 0
   bool causal;
   bool vec16;           // q and k rows are 16-byte aligned with head_dim % 8 == 0
-  bool kv_evict_first;  // KV loads may be marked L2 evict-first (l2_policy.cuh); the launchers clear it
-                        // when several blocks read the same KV
+  bool kv_evict_first;  // KV and q loads marked L2 evict-first (l2_policy.cuh): mla_cuda.cu kv_evict_first
+                        // decides per kernel; the portable launcher clears it where blocks share KV
   bool partials_in_l2;  // partial results stored evict-last and discarded by the combine (l2_policy.cuh);
                         // Hopper kernel only (mla_cuda.cu clears it for the portable kernel)
   bool sm90_seesaw;     // Hopper kernel: the seesaw consumer schedule (decode_sm90.cuh seesaw_consumers)

@@ -52,7 +52,6 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
   Args args{};
   args.p = p;
-  args.p.kv_evict_first = p.kv_evict_first && m_blocks == 1;  // else the row tiles share KV through L2
   args.p.partials_in_l2 = p.partials_in_l2 && m_blocks == 1;  // l2_policy.cuh
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;

@@ -1,9 +1,9 @@
 // L2 eviction priority of the KV stream (cache-policy operands of cp.async / TMA, sm_80+).
-// When no two blocks read the same KV bytes (one row tile per KV head and one output-channel chunk:
-// DecodeParams::kv_evict_first, decided by the launchers), the decode marks its KV and q loads
-// evict-first. The KV stream (hundreds of MB, each byte used once) then gives way in L2 to the fp32
-// partial results the blocks write, which the combine kernel reads right after the decode.
-// Which calls ask for it: kv_evict_first() in mla_cuda.cu.
+// With DecodeParams::kv_evict_first the decode marks its KV and q loads evict-first. The KV stream
+// (hundreds of MB, each byte read by one block, or by the two row-tile blocks of a KV head on the
+// Hopper kernel at 65-128 rows) then gives way in L2 to the fp32 partial results the blocks write,
+// which the combine kernel reads right after the decode. Which calls ask for it, per kernel, and what
+// was measured: kv_evict_first() in mla_cuda.cu.
 #pragma once
 #include <cstdint>
 

@@ -103,14 +103,19 @@ bool env_switch(const char* name, bool unset) {
   return v[0] == '1';
 }
 
-// Whether KV loads may be marked L2 evict-first (l2_policy.cuh; the launchers also require that no
-// two blocks read the same KV). Measured on the H100 (scripts/env_ab.py, docs/KERNEL_NOTES.md): with
-// variable lengths 1-3.5% faster at 16 query rows per KV head, within +-1.5% at 32 rows, 1-2% slower
-// on the Hopper kernel at 64 rows; so by default up to 16 rows. FLASHMLA_KV_EVICT_FIRST=1 / 0 forces
-// it on / off (read per call, for measurements).
-constexpr int kEvictFirstMaxRows = 16;
-bool kv_evict_first(int64_t rows_per_head_k) {
-  return env_switch("FLASHMLA_KV_EVICT_FIRST", rows_per_head_k <= kEvictFirstMaxRows);
+// Whether KV loads may be marked L2 evict-first (l2_policy.cuh), by default up to `max_rows` query rows
+// per KV head; FLASHMLA_KV_EVICT_FIRST=1 / 0 forces it on / off (read per call, for measurements). The
+// caps, measured with scripts/env_ab.py (docs/KERNEL_NOTES.md):
+// - portable kernel: 16 rows (H100: 1-3.5% faster at 16 rows with variable lengths, within +-1.5% at 32);
+//   its launcher also clears it where two blocks read the same KV;
+// - Hopper kernel: 128 rows, i.e. up to two 64-row tiles reading the same KV (H200, twelfth session:
+//   1.5-2.8% faster at 32 and 64 rows, 0.4-2.6% at 96 and 128; mixed at 192 and 256 rows). On the H100 an
+//   older kernel (fourth session, before the partial results were kept in L2) measured 32-64 rows between
+//   2% slower and 0.6% faster; not measured there since.
+constexpr int kEvictFirstMaxRowsPortable = 16;
+constexpr int kEvictFirstMaxRowsSm90 = 128;
+bool kv_evict_first(int64_t rows_per_head_k, int max_rows) {
+  return env_switch("FLASHMLA_KV_EVICT_FIRST", rows_per_head_k <= max_rows);
 }
 
 // Whether partial results stay in L2 until the combine kernel reads and discards them
@@ -221,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   p.vec16 = s.head_dim % 8 == 0 && aligned16(p.q) && aligned16(p.k_cache) && q.stride(0) % 8 == 0 &&
             q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
             k_cache.stride(2) % 8 == 0;
-  p.kv_evict_first = kv_evict_first(s.rows_per_head_k);
+  p.kv_evict_first = kv_evict_first(s.rows_per_head_k, kEvictFirstMaxRowsSm90);
   p.partials_in_l2 = partials_in_l2() && s.head_dim_v % 32 == 0;
   p.sm90_seesaw = sm90_seesaw(s.rows_per_head_k, s.page_block_size);
   TORCH_CHECK(k_cache.numel() < (int64_t(1) << 62) && s.num_blocks < (int64_t(1) << 31),
@@ -240,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
     // The portable kernel stores its partial results plainly (the evict-last stores measured 1-4% slower
     // there, through its schedule): no discards either, so this path is the one measured without them.
     p.partials_in_l2 = false;
+    p.kv_evict_first = kv_evict_first(s.rows_per_head_k, kEvictFirstMaxRowsPortable);
     if (is_bf16)
       launch_portable_decode_bf16(p, dev.smem_optin, stream);
     else
