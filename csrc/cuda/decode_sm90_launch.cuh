@@ -4,7 +4,6 @@
 #include <c10/util/Exception.h>
 #include <cudaTypedefs.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "decode_launchers.h"
@@ -53,10 +52,7 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   const int m_blocks = (p.rows_per_head_k + kRows - 1) / kRows;
   Args args{};
   args.p = p;
-  // EXPERIMENT (FLASHMLA_SM90_EXP=1): partials evict-last with two row tiles too, now that their KV is evict-first.
-  const char* exp_env = std::getenv("FLASHMLA_SM90_EXP");
-  const bool exp_two_tiles = exp_env != nullptr && exp_env[0] == '1';
-  args.p.partials_in_l2 = p.partials_in_l2 && (m_blocks == 1 || (exp_two_tiles && m_blocks == 2));  // l2_policy.cuh
+  args.p.partials_in_l2 = p.partials_in_l2 && m_blocks == 1;  // l2_policy.cuh
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
