@@ -169,6 +169,31 @@ def test_cuda_metadata_matches_schedule(num_heads_per_head_k, num_heads_k):
     assert torch.equal(md.cpu(), md_cpu) and torch.equal(splits.cpu(), splits_cpu)
 
 
+@pytest.mark.parametrize("lengths_kind", ["random", "equal"])
+@pytest.mark.parametrize("batch", [1, 2, 7, 128, 300, 4096, 4097])
+@pytest.mark.parametrize(
+    "num_heads_per_head_k,num_heads_k", [(16, 1), (128, 1), (256, 1), (64, 3), (64, 200)]
+)
+def test_cuda_metadata_equals_cpu_schedule(lengths_kind, batch, num_heads_per_head_k, num_heads_k):
+    """The CUDA metadata kernel computes the schedule in its position form, in parallel (csrc/schedule.h,
+    schedule_walk); it must give build_schedule's values exactly, here the CPU's for the same worker
+    count: random lengths (empty, short, up to 70000 tokens) and equal ones (the grid's fixed rows),
+    1 to 132 workers, and 4097 sequences (past the kernel's shared arrays: build_schedule in one thread)."""
+    gen = torch.Generator().manual_seed(seed_for("cuda-metadata", lengths_kind, batch, num_heads_per_head_k))
+    if lengths_kind == "equal":
+        lens = torch.full((batch,), 64 * int(torch.randint(1, 128, (1,), generator=gen)), dtype=torch.int32)
+    else:
+        lens = torch.randint(0, 9000, (batch,), generator=gen, dtype=torch.int32)
+        lens[torch.rand(batch, generator=gen) < 0.2] = 0
+        lens[torch.rand(batch, generator=gen) < 0.2] %= 70
+        lens[torch.rand(batch, generator=gen) < 0.02] *= 8
+    md, splits = flashmla_ops.get_mla_metadata(lens.to(DEVICE), num_heads_per_head_k, num_heads_k)
+    with num_threads(md.shape[0]):
+        md_cpu, splits_cpu = flashmla_ops.get_mla_metadata(lens, num_heads_per_head_k, num_heads_k)
+    assert torch.equal(md.cpu(), md_cpu)
+    assert torch.equal(splits.cpu(), splits_cpu)
+
+
 @DTYPES
 @pytest.mark.parametrize("shape", ["deepseek", "small", "small_odd_dv"])
 def test_other_num_sm_parts(dtype, shape):
