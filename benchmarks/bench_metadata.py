@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+import common as C
 
 
 @contextlib.contextmanager
@@ -63,7 +63,7 @@ def main() -> None:
             for varlen in (False, True):
                 lens = torch.tensor(C.make_seqlens(batch, 4096, 1, varlen), dtype=torch.int32, device="cuda")
 
-                def fn():
+                def fn(lens=lens, rows_per_head_k=rows_per_head_k):
                     return flashmla_ops.get_mla_metadata(lens, rows_per_head_k, 1)
 
                 graph_us, _, (md, splits), graph = C.time_cuda_graph(fn, args.iters)

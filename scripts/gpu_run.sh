@@ -2,7 +2,7 @@
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
 #   scripts/gpu_run.sh [stage ...]   stages: ceilings build tune sched ab smoke tests aoti sanitize
-#                                    racecheck_repro profile profile_source bench
+#                                    racecheck_repro profile profile_source bench metadata
 #                                    (default: build smoke tests aoti sanitize bench; a 10-minute call
 #                                    fits `build smoke tests bench`, then `build aoti sanitize`)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call. The tree copied to the GPU machine
@@ -160,6 +160,12 @@ if has bench; then
     note "bench $kernel rc=$? $(elapsed)"
     cat "$OUT/bench_$kernel/results.md" 2>/dev/null || tail -20 "$OUT/bench_$kernel/log.txt"
   done
+fi
+if has metadata; then
+  # get_mla_metadata alone (benchmarks/bench_metadata.py): graph replay and kernel time, checked against the CPU.
+  $PY benchmarks/bench_metadata.py --out "$OUT/metadata" > "$OUT/metadata.log" 2>&1
+  note "metadata rc=$? $(elapsed)"
+  cat "$OUT/metadata/results.md" 2>/dev/null || tail -20 "$OUT/metadata.log"
 fi
 { echo "== summary =="; cat "$OUT/gpu.txt"; printf '%s\n' "${summary[@]}"; } | tee "$FINAL_OUT/summary.txt.tmp"
 mv "$FINAL_OUT/summary.txt.tmp" "$FINAL_OUT/summary.txt"
