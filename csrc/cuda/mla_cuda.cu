@@ -46,71 +46,23 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
   return std::max<int64_t>(1, device_facts(device).sm_count / tiles);
 }
 
-// The schedule (csrc/schedule.h) in one block, in its position form: the lengths' cost prefix by a
-// block-wide scan, the workers' ends by one thread (a few shared-memory reads per worker, the only
-// sequential part), then the metadata rows and num_splits from the ends by all threads. The result
-// equals build_schedule's (tests/test_cuda.py compares it with the CPU's on random lengths). Batches
-// or worker counts too large for the shared arrays run build_schedule itself in one thread.
+// The schedule is a sequential scan; one thread runs it, after the block has staged the lengths
+// in shared memory (one global load latency instead of one per sequence). Batches too large to
+// stage are read from global memory.
 constexpr int kScheduleThreads = 256;
-constexpr int kMaxParallelBatch = 4096;  // prefix: 32 KiB of static shared memory
-constexpr int kMaxParallelParts = 512;   // per-worker arrays: 10 KiB
-
-// Exclusive prefix sum of `v` over the block (kScheduleThreads threads); `warp_sums` has one slot per warp.
-__device__ long long block_exclusive_scan(long long v, long long* warp_sums) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  long long incl = v;
-  for (int d = 1; d < 32; d *= 2) {
-    const long long up = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += up;
-  }
-  if (lane == 31) warp_sums[warp] = incl;
-  __syncthreads();
-  long long before = 0;
-  for (int w = 0; w < warp; ++w) before += warp_sums[w];
-  return before + incl - v;
-}
+constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
 
 __global__ void __launch_bounds__(kScheduleThreads)
     build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
                           int* num_splits) {
-  if (batch > kMaxParallelBatch || num_sm_parts > kMaxParallelParts) {
-    if (threadIdx.x == 0) build_schedule(seqlens, batch, num_sm_parts, rows_per_head_k, metadata, num_splits);
-    return;
+  __shared__ int staged[kMaxStagedBatch];
+  const bool stage = batch <= kMaxStagedBatch;
+  if (stage) {
+    for (int i = threadIdx.x; i < batch; i += blockDim.x) staged[i] = seqlens[i];
+    __syncthreads();
   }
-  __shared__ long long prefix[kMaxParallelBatch + 1];   // P_i of schedule.h
-  __shared__ long long ends[kMaxParallelParts];         // where worker p ends on the cost line
-  __shared__ int end_seq[kMaxParallelParts];            // the sequence holding ends[p] (batch at the end)
-  __shared__ int begin_split[kMaxParallelParts];        // worker p's piece number in its first sequence
-  __shared__ int inside_before[kMaxParallelParts + 1];  // how many of ends[0..p) lie inside a sequence
-  __shared__ long long warp_sums[kScheduleThreads / 32];
-  const int tid = threadIdx.x;
-  const int fixed_cost = fixed_cost_blocks(rows_per_head_k);
-
-  // P: each thread sums a contiguous chunk of sequences, the block scans the chunk sums.
-  const int per_thread = (batch + kScheduleThreads - 1) / kScheduleThreads;
-  const int lo = min(batch, tid * per_thread), hi = min(batch, lo + per_thread);
-  long long chunk = 0;
-  for (int i = lo; i < hi; ++i) chunk += sched_blocks(seqlens[i]) + fixed_cost;
-  long long pos = block_exclusive_scan(chunk, warp_sums);
-  for (int i = lo; i < hi; ++i) {
-    prefix[i] = pos;
-    pos += sched_blocks(seqlens[i]) + fixed_cost;
-  }
-  if (tid == kScheduleThreads - 1) prefix[batch] = pos;  // the last chunk ends at batch
-  __syncthreads();
-  const SchedulePlan plan = schedule_plan(prefix[batch], num_sm_parts, rows_per_head_k);
-
-  if (tid == 0) schedule_walk(prefix, batch, num_sm_parts, plan, ends, end_seq, begin_split, inside_before);
-  __syncthreads();
-
-  for (int part = tid; part < num_sm_parts; part += kScheduleThreads) {
-    const long long begin = part > 0 ? ends[part - 1] : 0;
-    const int first_seq = part > 0 ? end_seq[part - 1] : 0;
-    schedule_metadata_row(prefix, seqlens, begin, first_seq, ends[part], end_seq[part], begin_split[part],
-                          metadata + part * kMetadataWidth);
-  }
-  for (int i = tid; i <= batch; i += kScheduleThreads)
-    num_splits[i] = schedule_num_splits_at(i, prefix, num_sm_parts, ends, inside_before);
+  if (threadIdx.x == 0)
+    build_schedule(stage ? staged : seqlens, batch, num_sm_parts, rows_per_head_k, metadata, num_splits);
 }
 
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens, int64_t num_heads_per_head_k,
