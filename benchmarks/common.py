@@ -437,6 +437,18 @@ def time_cuda_events(fn: Callable[[], object], iters: int = 50, warmup: int = 10
     return statistics.median(times), times, holder.get("out", outputs), None
 
 
+def profiled_kernel_us(fn: Callable[[], object], name_part: str, calls: int = 20) -> float:
+    """Mean GPU time (us) per call of fn() spent in the kernels whose names contain `name_part`
+    (torch.profiler over `calls` eager calls after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages() if name_part in e.key) / calls
+
+
 def time_cpu(fn: Callable[[], object], iters: int = 10, warmup: int = 2) -> Tuple[float, List[float], object]:
     """Median wall time (us) of fn() over `iters` calls after `warmup`, with time.perf_counter."""
     outputs = None

@@ -26,17 +26,6 @@ import common as C
 DEFAULT_ROWS = "16,1,4096,1;64,1,4096,0;64,1,4096,1;32,2,4096,1;64,1,8192,1;128,1,4096,1"
 
 
-def decode_kernel_us(step, calls=20):
-    """Mean GPU time (us) per call of the decode kernel that step() launches (torch.profiler)."""
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages() if "decode" in e.key) / calls
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--var", required=True)
@@ -69,7 +58,7 @@ def main():
                     del graph
             for v in values:
                 os.environ[args.var] = v
-                decode_us[v] = decode_kernel_us(step)
+                decode_us[v] = C.profiled_kernel_us(step, "decode")
             for v in values:
                 rec = dict(kernel=kernel, h_q=h_q, s_q=s_q, s_k=s_k, varlen=bool(varlen), var=args.var, value=v,
                            us=statistics.median(us[v]), rounds=us[v], gbs=n_bytes / statistics.median(us[v]) / 1e3,

@@ -162,7 +162,7 @@ if has bench; then
   done
 fi
 if has metadata; then
-  # get_mla_metadata alone (benchmarks/bench_metadata.py): graph replay and kernel time, checked against the CPU.
+  # get_mla_metadata alone (benchmarks/bench_metadata.py): graph replay and kernel time.
   $PY benchmarks/bench_metadata.py --out "$OUT/metadata" > "$OUT/metadata.log" 2>&1
   note "metadata rc=$? $(elapsed)"
   cat "$OUT/metadata/results.md" 2>/dev/null || tail -20 "$OUT/metadata.log"
