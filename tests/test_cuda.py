@@ -176,7 +176,7 @@ def test_cuda_metadata_matches_schedule(num_heads_per_head_k, num_heads_k):
 )
 def test_cuda_metadata_equals_cpu_schedule(lengths_kind, batch, num_heads_per_head_k, num_heads_k):
     """The CUDA metadata kernel must give build_schedule's values exactly (csrc/schedule.h), here the
-    CPU's for the same worker count: random lengths (empty, short, up to 70000 tokens) and equal ones
+    CPU's for the same worker count: random lengths (empty, short, up to 72000 tokens) and equal ones
     (the grid's fixed rows), 1 to 132 workers, 1 to 4097 sequences. Written for the parallel form of the
     schedule tried in the twelfth session (docs/KERNEL_NOTES.md, "Metadata"); it holds any rewrite of
     the kernel to build_schedule's values."""
