@@ -152,6 +152,14 @@ def test_many_sequences(dtype):
 # ----------------------------------------------------------------------------------------------
 
 
+def assert_metadata_equals_cpu(lens, md, splits, num_heads_per_head_k, num_heads_k):
+    """md, splits (the GPU's metadata for lens) are the CPU schedule's values for the same worker count."""
+    with num_threads(md.shape[0]):
+        md_cpu, splits_cpu = flashmla_ops.get_mla_metadata(lens.cpu(), num_heads_per_head_k, num_heads_k)
+    assert torch.equal(md.cpu(), md_cpu)
+    assert torch.equal(splits.cpu(), splits_cpu)
+
+
 @pytest.mark.parametrize("num_heads_per_head_k,num_heads_k", [(16, 1), (64, 1), (128, 1), (256, 1), (6, 2)])
 def test_cuda_metadata_matches_schedule(num_heads_per_head_k, num_heads_k):
     """CUDA metadata: shape from flashmla_ops.fake.num_sm_parts, the layout of csrc/schedule.h (every
@@ -164,9 +172,7 @@ def test_cuda_metadata_matches_schedule(num_heads_per_head_k, num_heads_k):
     assert md.shape == (parts, 8) and splits.shape == (len(lengths) + 1,)
     assert md.device == lens.device and md.dtype == torch.int32
     check_schedule_invariants(md.cpu(), splits.cpu(), lengths)
-    with num_threads(parts):
-        md_cpu, splits_cpu = flashmla_ops.get_mla_metadata(lens.cpu(), num_heads_per_head_k, num_heads_k)
-    assert torch.equal(md.cpu(), md_cpu) and torch.equal(splits.cpu(), splits_cpu)
+    assert_metadata_equals_cpu(lens, md, splits, num_heads_per_head_k, num_heads_k)
 
 
 @pytest.mark.parametrize("lengths_kind", ["random", "equal"])
@@ -189,10 +195,7 @@ def test_cuda_metadata_equals_cpu_schedule(lengths_kind, batch, num_heads_per_he
         lens[torch.rand(batch, generator=gen) < 0.2] %= 70
         lens[torch.rand(batch, generator=gen) < 0.02] *= 8
     md, splits = flashmla_ops.get_mla_metadata(lens.to(DEVICE), num_heads_per_head_k, num_heads_k)
-    with num_threads(md.shape[0]):
-        md_cpu, splits_cpu = flashmla_ops.get_mla_metadata(lens, num_heads_per_head_k, num_heads_k)
-    assert torch.equal(md.cpu(), md_cpu)
-    assert torch.equal(splits.cpu(), splits_cpu)
+    assert_metadata_equals_cpu(lens, md, splits, num_heads_per_head_k, num_heads_k)
 
 
 @DTYPES
