@@ -196,7 +196,7 @@ __device__ __forceinline__ void copy_row(T* d, const T* src, int x, const Decode
   }
 }
 
-template <typename T, int MG, int MW, int N, int STAGES, int WN, bool kHoisted>
+template <typename T, int MG, int MW, int N, int STAGES, int WN>
 __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
   constexpr int M = 16 * MG;
   constexpr int kColsPerWarp = kColsPerBlock / WN;  // 128 or 64: whole 64-channel swizzle groups
@@ -359,61 +359,35 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
           for (int e = 0; e < 4; ++e) s[mw][j][e] = s_odd[mw][j][e] = 0.f;
       const T* q_lane = sQ + (warp_row0 + lane % 16) * row_elems;
       const T* k_lane = k_tile + (wn * kTokensPerWarp + lane % 8) * row_elems;
-      if constexpr (kHoisted) {
-        // One 32-channel half h of the 64-channel group at k0: Q channels k0 + 32h + [0, 32) of this
-        // warp's rows against the same channels of its kNT n8 token tiles.
-        auto s_half = [&](int k0, int h) {
-          uint32_t a[MW][2][4];  // Q, channels k0 + 32h + [0, 16) and [16, 32)
+      // One 32-channel half h of the 64-channel group at k0: Q channels k0 + 32h + [0, 32) of this
+      // warp's rows against the same channels of its kNT n8 token tiles.
+      auto s_half = [&](int k0, int h) {
+        uint32_t a[MW][2][4];  // Q, channels k0 + 32h + [0, 16) and [16, 32)
+#pragma unroll
+        for (int mw = 0; mw < MW; ++mw) {
+          ldmatrix_x4(a[mw][0], q_lane + mw * 16 * row_elems + k0 + off2[2 * h]);
+          ldmatrix_x4(a[mw][1], q_lane + mw * 16 * row_elems + k0 + off2[2 * h + 1]);
+        }
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          uint32_t bk[4];  // channels k0 + 32h + [0, 32) of 8 tokens: b0/b1 of two k-steps
+          ldmatrix_x4(bk, k_lane + j * 8 * row_elems + k0 + off4[h]);
 #pragma unroll
           for (int mw = 0; mw < MW; ++mw) {
-            ldmatrix_x4(a[mw][0], q_lane + mw * 16 * row_elems + k0 + off2[2 * h]);
-            ldmatrix_x4(a[mw][1], q_lane + mw * 16 * row_elems + k0 + off2[2 * h + 1]);
+            mma_16816<T>(s[mw][j], a[mw][0], bk[0], bk[1]);
+            mma_16816<T>(s_odd[mw][j], a[mw][1], bk[2], bk[3]);
           }
-#pragma unroll
-          for (int j = 0; j < kNT; ++j) {
-            uint32_t bk[4];  // channels k0 + 32h + [0, 32) of 8 tokens: b0/b1 of two k-steps
-            ldmatrix_x4(bk, k_lane + j * 8 * row_elems + k0 + off4[h]);
-#pragma unroll
-            for (int mw = 0; mw < MW; ++mw) {
-              mma_16816<T>(s[mw][j], a[mw][0], bk[0], bk[1]);
-              mma_16816<T>(s_odd[mw][j], a[mw][1], bk[2], bk[3]);
-            }
-          }
-        };
-        // Whole 64-channel groups with no test inside (so ptxas may overlap one half's ldmatrix with
-        // the other's mma's), then the 32-channel tail of head_dim_padded % 64 == 32 (unswizzled only).
-        const int whole_end = hdp & ~63;
+        }
+      };
+      // Whole 64-channel groups with no test inside (so ptxas may overlap one half's ldmatrix with
+      // the other's mma's), then the 32-channel tail of head_dim_padded % 64 == 32 (unswizzled only).
+      const int whole_end = hdp & ~63;
 #pragma unroll 3
-        for (int k0 = 0; k0 < whole_end; k0 += 64) {
-          s_half(k0, 0);
-          s_half(k0, 1);
-        }
-        if (whole_end < hdp) s_half(whole_end, 0);
-      } else {
-#pragma unroll 3  // lets the next 64 channels' ldmatrix overlap this one's mma chains
-        for (int k0 = 0; k0 < hdp; k0 += 64) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if (h == 1 && k0 + 32 >= hdp) break;  // head_dim_padded % 64 == 32 (unswizzled layout only)
-            uint32_t a[MW][2][4];                 // Q, channels k0 + 32h + [0, 16) and [16, 32)
-#pragma unroll
-            for (int mw = 0; mw < MW; ++mw) {
-              ldmatrix_x4(a[mw][0], q_lane + mw * 16 * row_elems + k0 + off2[2 * h]);
-              ldmatrix_x4(a[mw][1], q_lane + mw * 16 * row_elems + k0 + off2[2 * h + 1]);
-            }
-#pragma unroll
-            for (int j = 0; j < kNT; ++j) {
-              uint32_t bk[4];  // channels k0 + 32h + [0, 32) of 8 tokens: b0/b1 of two k-steps
-              ldmatrix_x4(bk, k_lane + j * 8 * row_elems + k0 + off4[h]);
-#pragma unroll
-              for (int mw = 0; mw < MW; ++mw) {
-                mma_16816<T>(s[mw][j], a[mw][0], bk[0], bk[1]);
-                mma_16816<T>(s_odd[mw][j], a[mw][1], bk[2], bk[3]);
-              }
-            }
-          }
-        }
+      for (int k0 = 0; k0 < whole_end; k0 += 64) {
+        s_half(k0, 0);
+        s_half(k0, 1);
       }
+      if (whole_end < hdp) s_half(whole_end, 0);
 #pragma unroll
       for (int mw = 0; mw < MW; ++mw)
 #pragma unroll
@@ -496,49 +470,22 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
       __syncthreads();  // #3: P of every warp
       // O += P V for rows [warp_row0, + 16 MW), channels [col_base + wn * kColsPerWarp, + kColsPerWarp).
       const int col0 = col_base + wn * kColsPerWarp;  // a multiple of 64: swizzle-group aligned
-      if constexpr (kHoisted) {
-        // 16-channel groups of this warp's columns that exist (warp-uniform): all of them unless
-        // head_dim_v ends inside the warp's columns.
-        const int cols_left = p.head_dim_v - col0;
-        const int live_n2 = cols_left <= 0 ? 0 : min(kColsPerWarp / 16, (cols_left + 15) / 16);
-        auto pv = [&](auto all_live) {
-#pragma unroll
-          for (int kt = 0; kt < N / 16; ++kt) {
-            uint32_t a[MW][4];
-#pragma unroll
-            for (int mw = 0; mw < MW; ++mw)
-              ldmatrix_x4(a[mw], sP + p_offset<N>(warp_row0 + mw * 16 + lane % 16, kt * 16 + (lane / 16) * 8));
-            // Lanes 0-7 / 8-15: tokens kt*16 + [0, 8) / [8, 16) at chunk 2 n2; lanes 16-31: chunk 2 n2 + 1.
-            const T* v_lane = k_tile + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * row_elems + col0;
-#pragma unroll
-            for (int n2 = 0; n2 < kColsPerWarp / 16; ++n2) {
-              if (decltype(all_live)::value || n2 < live_n2) {
-                uint32_t bv[4];
-                ldmatrix_x4_trans(bv, v_lane + (n2 / 4) * 64 + off2[n2 % 4]);
-#pragma unroll
-                for (int mw = 0; mw < MW; ++mw) {
-                  mma_16816<T>(o[mw][2 * n2], a[mw], bv[0], bv[1]);
-                  mma_16816<T>(o[mw][2 * n2 + 1], a[mw], bv[2], bv[3]);
-                }
-              }
-            }
-          }
-        };
-        if (live_n2 == kColsPerWarp / 16)
-          pv(std::true_type{});
-        else
-          pv(std::false_type{});
-      } else {
+      // 16-channel groups of this warp's columns that exist (warp-uniform): all of them unless
+      // head_dim_v ends inside the warp's columns.
+      const int cols_left = p.head_dim_v - col0;
+      const int live_n2 = cols_left <= 0 ? 0 : min(kColsPerWarp / 16, (cols_left + 15) / 16);
+      auto pv = [&](auto all_live) {
 #pragma unroll
         for (int kt = 0; kt < N / 16; ++kt) {
           uint32_t a[MW][4];
 #pragma unroll
           for (int mw = 0; mw < MW; ++mw)
             ldmatrix_x4(a[mw], sP + p_offset<N>(warp_row0 + mw * 16 + lane % 16, kt * 16 + (lane / 16) * 8));
+          // Lanes 0-7 / 8-15: tokens kt*16 + [0, 8) / [8, 16) at chunk 2 n2; lanes 16-31: chunk 2 n2 + 1.
           const T* v_lane = k_tile + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * row_elems + col0;
 #pragma unroll
           for (int n2 = 0; n2 < kColsPerWarp / 16; ++n2) {
-            if (col0 + n2 * 16 < p.head_dim_v) {
+            if (decltype(all_live)::value || n2 < live_n2) {
               uint32_t bv[4];
               ldmatrix_x4_trans(bv, v_lane + (n2 / 4) * 64 + off2[n2 % 4]);
 #pragma unroll
@@ -549,7 +496,11 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
             }
           }
         }
-      }
+      };
+      if (live_n2 == kColsPerWarp / 16)
+        pv(std::true_type{});
+      else
+        pv(std::false_type{});
       stage = stage + 1 == STAGES ? 0 : stage + 1;
       next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
     }

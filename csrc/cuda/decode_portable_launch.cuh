@@ -51,10 +51,7 @@ bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choic
     return false;
   const size_t smem = SmemLayout<T, MG, N, STAGES, WN>::total(p.head_dim_padded);
   if (smem > size_t(smem_limit)) return false;
-  const char* exp = std::getenv("FLASHMLA_PORTABLE_EXP");  // experiment: 1 = hoisted loop tests
-  const bool hoisted = exp != nullptr && std::atoi(exp) == 1;
-  auto kernel = hoisted ? mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN, true>
-                        : mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN, false>;
+  auto kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   constexpr int M = 16 * MG;
   const int m_blocks = (p.rows_per_head_k + M - 1) / M;
