@@ -196,7 +196,14 @@ __device__ __forceinline__ void copy_row(T* d, const T* src, int x, const Decode
   }
 }
 
-template <typename T, int MG, int MW, int N, int STAGES, int WN>
+// Experiment (FLASHMLA_PORTABLE_EXP, bits): 1 = barriers #2 and #3 per row group (named barriers of the
+// WN warps that share rows) when a block has two row groups; 2 = lean KV copy issue (page cursor instead
+// of divisions, per-lane base pointer, fully unrolled 64-channel-group copies). 0 = main's code.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <typename T, int MG, int MW, int N, int STAGES, int WN, int EXP = 0>
 __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
   constexpr int M = 16 * MG;
   constexpr int kColsPerWarp = kColsPerBlock / WN;  // 128 or 64: whole 64-channel swizzle groups
@@ -210,6 +217,9 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
   static_assert(MG % MW == 0 && (MW == 1 || MW == 2), "row groups per warp");
   static_assert(STAGES >= 2, "at least double buffering");
   static_assert(WN == 4 || WN == 8, "warps along tokens / channels");
+  constexpr bool kRowGroupBarriers = (EXP & 1) && MG / MW > 1;
+  constexpr bool kLeanCopy = (EXP & 2) != 0;
+  constexpr int kMaxLeanGroups = 9;  // lean copies: rows of up to 9 x 64 channels (576)
   using L = SmemLayout<T, MG, N, STAGES, WN>;
   using DT = Dtype<T>;
 
@@ -276,12 +286,42 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
     // issue_tile turns them into addresses, writes sValid and starts the copies. In the main loop a
     // whole tile's compute runs in between, hiding the lookup latency. This thread copies rows
     // j = q * kRowsPerPass + threadIdx.x / 8; block id -1 = no such token.
+    // Lean copies (EXP bit 2): lookups run in tile order, so a cursor (page, offset in page) per pass
+    // replaces the divisions; the lookup also returns the offset for the issue. lean_rows: every row
+    // is hdp / 64 <= kMaxLeanGroups whole 64-channel groups, all live (16-byte copies, no padding).
+    const int page = kLeanCopy ? p.page_block_size : 1;
+    int cur_page[kPasses], cur_off[kPasses], next_off[kPasses];
+    const int step_pages = kLeanCopy ? N / page : 0, step_off = kLeanCopy ? N % page : 0;
+    if constexpr (kLeanCopy) {
+#pragma unroll
+      for (int q = 0; q < kPasses; ++q) {
+        const int t = t_begin + q * kRowsPerPass + threadIdx.x / 8;
+        cur_page[q] = t / page;
+        cur_off[q] = t - cur_page[q] * page;
+      }
+    }
+    const bool lean_rows = kLeanCopy && p.vec16 && p.head_dim == hdp && hdp % 64 == 0 && hdp / 64 <= kMaxLeanGroups;
+    const int lean_groups = kLeanCopy ? hdp / 64 : 0;
+    // This lane's chunk of every row: chunk c0 of each 64-channel group, at c0 ^ (row & 7) in shared memory.
+    const int c0 = kLeanCopy ? threadIdx.x % 8 : 0;
+    const T* k_lane_base = kLeanCopy ? static_cast<const T*>(p.k_cache) + hk * p.k_stride_head + c0 * 8 : nullptr;
     auto tile_blocks = [&](int t0, int (&block)[kPasses]) {
 #pragma unroll
       for (int q = 0; q < kPasses; ++q) {
         const int j = q * kRowsPerPass + threadIdx.x / 8;
         const int t = t0 + j;
-        block[q] = j < N && t < t_end ? table[t / p.page_block_size] : -1;
+        if constexpr (kLeanCopy) {
+          block[q] = j < N && t < t_end ? table[cur_page[q]] : -1;
+          next_off[q] = cur_off[q];
+          cur_page[q] += step_pages;
+          cur_off[q] += step_off;
+          if (cur_off[q] >= page) {
+            cur_off[q] -= page;
+            ++cur_page[q];
+          }
+        } else {
+          block[q] = j < N && t < t_end ? table[t / p.page_block_size] : -1;
+        }
       }
     };
     auto issue_tile = [&](int t0, const int (&block)[kPasses], int stage) {
@@ -291,11 +331,29 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         if (j < N) {
           const int t = t0 + j;
           const bool live = block[q] >= 0 && block[q] < p.num_blocks;
-          const T* src = live ? static_cast<const T*>(p.k_cache) + block[q] * p.k_stride_block +
-                                    (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head
-                              : nullptr;
-          if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
-          copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p, l2_policy);
+          if constexpr (kLeanCopy) {
+            if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
+            if (lean_rows) {
+              const T* s = live ? k_lane_base + block[q] * p.k_stride_block + next_off[q] * p.k_stride_token
+                                : static_cast<const T*>(p.k_cache);
+              T* d = sK + stage * k_stage_elems + j * row_elems + ((c0 ^ (j & 7)) << 3);
+              const int bytes = live ? 16 : 0;
+#pragma unroll
+              for (int gi = 0; gi < kMaxLeanGroups; ++gi)
+                if (gi < lean_groups) cp_async_16(d + 64 * gi, s + 64 * gi, bytes, l2_policy);
+            } else {
+              const T* src = live ? static_cast<const T*>(p.k_cache) + block[q] * p.k_stride_block +
+                                        next_off[q] * p.k_stride_token + hk * p.k_stride_head
+                                  : nullptr;
+              copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p, l2_policy);
+            }
+          } else {
+            const T* src = live ? static_cast<const T*>(p.k_cache) + block[q] * p.k_stride_block +
+                                      (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head
+                                : nullptr;
+            if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
+            copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p, l2_policy);
+          }
         }
       }
     };
@@ -427,7 +485,10 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
           sStats[wn * M + warp_row0 + mw * 16 + lane / 4 + 8] = tile_max[mw][1];
         }
       }
-      __syncthreads();  // #2: row maxima of every warp
+      if constexpr (kRowGroupBarriers)
+        named_barrier_sync(1 + rw, WN * 32);  // #2 for the WN warps of this row group
+      else
+        __syncthreads();  // #2: row maxima of every warp
       float rescale[MW][2];
 #pragma unroll
       for (int mw = 0; mw < MW; ++mw) {
@@ -467,7 +528,10 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
           o[mw][i][3] *= rescale[mw][1];
         }
       }
-      __syncthreads();  // #3: P of every warp
+      if constexpr (kRowGroupBarriers)
+        named_barrier_sync(1 + rw, WN * 32);  // #3 for the WN warps of this row group
+      else
+        __syncthreads();  // #3: P of every warp
       // O += P V for rows [warp_row0, + 16 MW), channels [col_base + wn * kColsPerWarp, + kColsPerWarp).
       const int col0 = col_base + wn * kColsPerWarp;  // a multiple of 64: swizzle-group aligned
       // 16-channel groups of this warp's columns that exist (warp-uniform): all of them unless
