@@ -25,7 +25,9 @@
 // sP and sStats are free) -> issue tile i+STAGES-1's copies into stage (i-1) % STAGES (its rows were
 // looked up during tile i-1) and commit (an empty group past the piece) -> look up tile i+STAGES's
 // rows in the block table (global loads into registers, used at tile i+1) -> S = Q K^T (hides the
-// lookup latency) -> row maxima to sStats -> #2 -> P to sP, rescale O -> #3 -> O += P V. No barrier at the end of the
+// lookup latency) -> row maxima to sStats -> #2 -> P to sP, rescale O -> #3 -> O += P V. #2 and #3 order
+// only the WN warps of one row group (its rows' maxima and P): with two row groups per block each group
+// syncs on a named barrier of its own. No barrier at the end of the
 // tile: the next tile's #1 protects everything the next tile overwrites; the epilogue's sStats writes follow the last
 // #3. While tile i is computed, tiles i+1 .. i+STAGES-1 are in flight. sValid[stage][j] says whether token j of the
 // stage's tile exists (t < t_end and its block id is in range); it is written with plain stores by the issuing threads
@@ -196,14 +198,12 @@ __device__ __forceinline__ void copy_row(T* d, const T* src, int x, const Decode
   }
 }
 
-// Experiment (FLASHMLA_PORTABLE_EXP, bits): 1 = barriers #2 and #3 per row group (named barriers of the
-// WN warps that share rows) when a block has two row groups; 2 = lean KV copy issue (page cursor instead
-// of divisions, per-lane base pointer, fully unrolled 64-channel-group copies). 0 = main's code.
+// bar.sync on barrier `id` (1..15; 0 is __syncthreads') for `threads` threads (whole warps).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-template <typename T, int MG, int MW, int N, int STAGES, int WN, int EXP = 0>
+template <typename T, int MG, int MW, int N, int STAGES, int WN>
 __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_kernel(const DecodeParams p) {
   constexpr int M = 16 * MG;
   constexpr int kColsPerWarp = kColsPerBlock / WN;  // 128 or 64: whole 64-channel swizzle groups
@@ -217,9 +217,11 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
   static_assert(MG % MW == 0 && (MW == 1 || MW == 2), "row groups per warp");
   static_assert(STAGES >= 2, "at least double buffering");
   static_assert(WN == 4 || WN == 8, "warps along tokens / channels");
-  constexpr bool kRowGroupBarriers = (EXP & 1) && MG / MW > 1;
-  constexpr bool kLeanCopy = (EXP & 2) != 0;
-  constexpr int kMaxLeanGroups = 9;  // lean copies: rows of up to 9 x 64 channels (576)
+  // Barriers #2 and #3 only order the WN warps of one row group (row maxima and P of its rows), so
+  // with two row groups each syncs on a named barrier of its own (1 + rw) and the groups may drift
+  // apart within a tile; #1 (stages, sValid) stays a block barrier.
+  constexpr bool kRowGroupBarriers = MG / MW > 1;
+  constexpr int kMaxLeanGroups = 9;  // lean row copies: up to 9 x 64 channels (576)
   using L = SmemLayout<T, MG, N, STAGES, WN>;
   using DT = Dtype<T>;
 
@@ -286,72 +288,60 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
     // issue_tile turns them into addresses, writes sValid and starts the copies. In the main loop a
     // whole tile's compute runs in between, hiding the lookup latency. This thread copies rows
     // j = q * kRowsPerPass + threadIdx.x / 8; block id -1 = no such token.
-    // Lean copies (EXP bit 2): lookups run in tile order, so a cursor (page, offset in page) per pass
-    // replaces the divisions; the lookup also returns the offset for the issue. lean_rows: every row
-    // is hdp / 64 <= kMaxLeanGroups whole 64-channel groups, all live (16-byte copies, no padding).
-    const int page = kLeanCopy ? p.page_block_size : 1;
+    // Tiles are looked up in order, each once, so a cursor per pass (table column and offset in the
+    // page of token t0 + j of the next tile to look up) replaces the divisions t / page and t % page:
+    // it advances by N tokens per lookup, and the lookup hands the offset (next_off) to the issue.
+    const int page = p.page_block_size;
     int cur_page[kPasses], cur_off[kPasses], next_off[kPasses];
-    const int step_pages = kLeanCopy ? N / page : 0, step_off = kLeanCopy ? N % page : 0;
-    if constexpr (kLeanCopy) {
+    const int step_pages = N / page, step_off = N % page;
 #pragma unroll
-      for (int q = 0; q < kPasses; ++q) {
-        const int t = t_begin + q * kRowsPerPass + threadIdx.x / 8;
-        cur_page[q] = t / page;
-        cur_off[q] = t - cur_page[q] * page;
-      }
+    for (int q = 0; q < kPasses; ++q) {
+      const int t = t_begin + q * kRowsPerPass + threadIdx.x / 8;
+      cur_page[q] = t / page;
+      cur_off[q] = t - cur_page[q] * page;
     }
-    const bool lean_rows = kLeanCopy && p.vec16 && p.head_dim == hdp && hdp % 64 == 0 && hdp / 64 <= kMaxLeanGroups;
-    const int lean_groups = kLeanCopy ? hdp / 64 : 0;
-    // This lane's chunk of every row: chunk c0 of each 64-channel group, at c0 ^ (row & 7) in shared memory.
-    const int c0 = kLeanCopy ? threadIdx.x % 8 : 0;
-    const T* k_lane_base = kLeanCopy ? static_cast<const T*>(p.k_cache) + hk * p.k_stride_head + c0 * 8 : nullptr;
+    // lean_rows: every K row is hdp / 64 <= kMaxLeanGroups whole 64-channel groups, all live (16-byte
+    // copies, head_dim == hdp): the issue is kMaxLeanGroups predicated copies with constant offsets
+    // from one per-row address. Other rows take copy_row.
+    const bool lean_rows = p.vec16 && p.head_dim == hdp && hdp % 64 == 0 && hdp / 64 <= kMaxLeanGroups;
+    const int lean_groups = hdp / 64;
+    // This lane's chunk of every row: chunk c0 of each 64-channel group (at c0 ^ (row & 7) in shared memory).
+    const int c0 = threadIdx.x % 8;
+    const T* k_lane_base = static_cast<const T*>(p.k_cache) + hk * p.k_stride_head + c0 * 8;
     auto tile_blocks = [&](int t0, int (&block)[kPasses]) {
 #pragma unroll
       for (int q = 0; q < kPasses; ++q) {
         const int j = q * kRowsPerPass + threadIdx.x / 8;
         const int t = t0 + j;
-        if constexpr (kLeanCopy) {
-          block[q] = j < N && t < t_end ? table[cur_page[q]] : -1;
-          next_off[q] = cur_off[q];
-          cur_page[q] += step_pages;
-          cur_off[q] += step_off;
-          if (cur_off[q] >= page) {
-            cur_off[q] -= page;
-            ++cur_page[q];
-          }
-        } else {
-          block[q] = j < N && t < t_end ? table[t / p.page_block_size] : -1;
+        block[q] = j < N && t < t_end ? table[cur_page[q]] : -1;
+        next_off[q] = cur_off[q];
+        cur_page[q] += step_pages;
+        cur_off[q] += step_off;
+        if (cur_off[q] >= page) {
+          cur_off[q] -= page;
+          ++cur_page[q];
         }
       }
     };
-    auto issue_tile = [&](int t0, const int (&block)[kPasses], int stage) {
+    auto issue_tile = [&](const int (&block)[kPasses], int stage) {
 #pragma unroll
       for (int q = 0; q < kPasses; ++q) {
         const int j = q * kRowsPerPass + threadIdx.x / 8;
         if (j < N) {
-          const int t = t0 + j;
           const bool live = block[q] >= 0 && block[q] < p.num_blocks;
-          if constexpr (kLeanCopy) {
-            if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
-            if (lean_rows) {
-              const T* s = live ? k_lane_base + block[q] * p.k_stride_block + next_off[q] * p.k_stride_token
-                                : static_cast<const T*>(p.k_cache);
-              T* d = sK + stage * k_stage_elems + j * row_elems + ((c0 ^ (j & 7)) << 3);
-              const int bytes = live ? 16 : 0;
+          if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
+          if (lean_rows) {
+            const T* s = live ? k_lane_base + block[q] * p.k_stride_block + next_off[q] * p.k_stride_token
+                              : static_cast<const T*>(p.k_cache);
+            T* d = sK + stage * k_stage_elems + j * row_elems + ((c0 ^ (j & 7)) << 3);
+            const int bytes = live ? 16 : 0;
 #pragma unroll
-              for (int gi = 0; gi < kMaxLeanGroups; ++gi)
-                if (gi < lean_groups) cp_async_16(d + 64 * gi, s + 64 * gi, bytes, l2_policy);
-            } else {
-              const T* src = live ? static_cast<const T*>(p.k_cache) + block[q] * p.k_stride_block +
-                                        next_off[q] * p.k_stride_token + hk * p.k_stride_head
-                                  : nullptr;
-              copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p, l2_policy);
-            }
+            for (int gi = 0; gi < kMaxLeanGroups; ++gi)
+              if (gi < lean_groups) cp_async_16(d + 64 * gi, s + 64 * gi, bytes, l2_policy);
           } else {
             const T* src = live ? static_cast<const T*>(p.k_cache) + block[q] * p.k_stride_block +
-                                      (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head
+                                      next_off[q] * p.k_stride_token + hk * p.k_stride_head
                                 : nullptr;
-            if (threadIdx.x % 8 == 0) sValid[stage * N + j] = live;
             copy_row<T>(sK + stage * k_stage_elems + j * row_elems, src, j & xmask, p, l2_policy);
           }
         }
@@ -384,7 +374,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
       if (st < num_tiles) {
         int block[kPasses];
         tile_blocks(t_begin + st * N, block);
-        issue_tile(t_begin + st * N, block, st);
+        issue_tile(block, st);
       }
       cp_async_commit();
     }
@@ -400,7 +390,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
       __syncthreads();              // #1: ... for all threads; tile - 1 fully consumed
       // Start the copies of tile + STAGES - 1 into the stage tile - 1 used (free since #1), then look
       // up the rows of tile + STAGES (global loads whose latency the S phase hides).
-      if (tile + STAGES - 1 < num_tiles) issue_tile(t0 + (STAGES - 1) * N, next_block, next_stage);
+      if (tile + STAGES - 1 < num_tiles) issue_tile(next_block, next_stage);
       cp_async_commit();
       if (tile + STAGES < num_tiles) tile_blocks(t0 + STAGES * N, next_block);
       const T* k_tile = sK + stage * k_stage_elems;
@@ -486,7 +476,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         }
       }
       if constexpr (kRowGroupBarriers)
-        named_barrier_sync(1 + rw, WN * 32);  // #2 for the WN warps of this row group
+        named_barrier_sync(1 + rw, WN * 32);  // #2: row maxima of the row group's warps
       else
         __syncthreads();  // #2: row maxima of every warp
       float rescale[MW][2];
@@ -529,7 +519,7 @@ __global__ void __launch_bounds__((MG / MW) * WN * 32, 1) mla_decode_portable_ke
         }
       }
       if constexpr (kRowGroupBarriers)
-        named_barrier_sync(1 + rw, WN * 32);  // #3 for the WN warps of this row group
+        named_barrier_sync(1 + rw, WN * 32);  // #3: P of the row group's rows
       else
         __syncthreads();  // #3: P of every warp
       // O += P V for rows [warp_row0, + 16 MW), channels [col_base + wn * kColsPerWarp, + kColsPerWarp).

@@ -51,15 +51,7 @@ bool try_launch(const DecodeParams& p, int smem_limit, const ConfigChoice& choic
     return false;
   const size_t smem = SmemLayout<T, MG, N, STAGES, WN>::total(p.head_dim_padded);
   if (smem > size_t(smem_limit)) return false;
-  // Experiment: FLASHMLA_PORTABLE_EXP picks the EXP instance of the three default configurations.
-  const char* exp_env = std::getenv("FLASHMLA_PORTABLE_EXP");
-  const int exp = exp_env != nullptr ? std::atoi(exp_env) : 0;
-  auto kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN, 0>;
-  if constexpr (N == 64 && (MG == 4 || WN == 8)) {
-    if (exp == 1) kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN, 1>;
-    if (exp == 2) kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN, 2>;
-    if (exp == 3) kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN, 3>;
-  }
+  auto kernel = mla_decode_portable_kernel<T, MG, MW, N, STAGES, WN>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   constexpr int M = 16 * MG;
   const int m_blocks = (p.rows_per_head_k + M - 1) / M;
