@@ -147,17 +147,22 @@ def test_every_portable_config(monkeypatch, dtype, config, shape):
 
 @DTYPES
 @pytest.mark.parametrize("page_block_size", [3, 48, 100, 128, 200])
-@pytest.mark.parametrize("num_heads_q,head_dim,head_dim_v", [(16, 576, 512), (64, 576, 512), (8, 40, 32)])
+@pytest.mark.parametrize(
+    "num_heads_q,num_heads_k,head_dim,head_dim_v",
+    [(16, 1, 576, 512), (64, 1, 576, 512), (32, 2, 576, 512), (8, 4, 128, 128), (8, 1, 40, 32)],
+)
 def test_portable_pages_that_do_not_divide_the_tile(
-    monkeypatch, dtype, page_block_size, num_heads_q, head_dim, head_dim_v
+    monkeypatch, dtype, page_block_size, num_heads_q, num_heads_k, head_dim, head_dim_v
 ):
     """The portable kernel on pages that are not a divisor of its 32/64-token tile (smaller, larger, or
     neither), so a tile's rows start mid-page and cross page ends at every offset: varlen lengths with a
     zero and a partial last page, NaN in every unused slot, two sequences long enough to be cut into
-    pieces that start inside a page. DeepSeek dims (whole 64-channel rows) and odd ones (padded rows)."""
+    pieces that start inside a page. Rows of whole 64-channel groups (576, 128: the lean copy path, with
+    one and several KV heads) and padded odd ones (40: copy_row)."""
     inp = make_decode_inputs(
         batch=5,
         num_heads_q=num_heads_q,
+        num_heads_k=num_heads_k,
         head_dim=head_dim,
         head_dim_v=head_dim_v,
         page_block_size=page_block_size,
@@ -165,7 +170,7 @@ def test_portable_pages_that_do_not_divide_the_tile(
         device="cuda",
         lengths=[0, 1, 777, 5000, 4099],
         max_seqlen=5000,
-        seed=seed_for("portable-pages", dtype, page_block_size, num_heads_q, head_dim),
+        seed=seed_for("portable-pages", dtype, page_block_size, num_heads_q, num_heads_k, head_dim),
     )
     _, num_splits = inp.metadata()
     assert int((num_splits[1:] - num_splits[:-1]).max()) > 1, "some sequence must be cut into pieces"
