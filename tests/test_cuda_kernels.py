@@ -191,7 +191,7 @@ def test_portable_config_errors(monkeypatch):
 @pytest.mark.parametrize("kernel", ["auto", "portable"])
 @pytest.mark.parametrize("num_heads_q", [16, 64, 128, 256])
 def test_kv_evict_first_switch(monkeypatch, kernel, num_heads_q):
-    """The L2 eviction hint on KV loads (FLASHMLA_KV_EVICT_FIRST; on by default up to 16 rows on the
+    """The L2 eviction hint on KV loads (FLASHMLA_KV_EVICT_FIRST; on by default up to 64 rows on the
     portable kernel, 128 on the Hopper kernel; forced on, the Hopper kernel takes it at any number of
     row tiles) changes no bit of the results: forced on and off give the same output and LSE, which
     match the reference. Any value but 0 and 1 raises."""

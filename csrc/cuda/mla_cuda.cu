@@ -106,13 +106,15 @@ bool env_switch(const char* name, bool unset) {
 // Whether KV loads may be marked L2 evict-first (l2_policy.cuh), by default up to `max_rows` query rows
 // per KV head; FLASHMLA_KV_EVICT_FIRST=1 / 0 forces it on / off (read per call, for measurements). The
 // caps, measured with scripts/env_ab.py (docs/KERNEL_NOTES.md):
-// - portable kernel: 16 rows (H100: 1-3.5% faster at 16 rows with variable lengths, within +-1.5% at 32);
-//   its launcher also clears it where two blocks read the same KV;
+// - portable kernel: 64 rows, i.e. wherever one row tile reads a KV head's KV (its launcher clears it
+//   where two blocks read the same KV). H100, fourth session: 1-3.5% faster at 16 rows with variable
+//   lengths, within +-1.5% at 32; H200, the kernel of 2786c74 (fourteenth session): 1.003-1.011x on all
+//   7 rows with 32-64 query rows, as the twelfth session's 1.002-1.008x on the kernel before;
 // - Hopper kernel: 128 rows, i.e. up to two 64-row tiles reading the same KV (H200, twelfth session:
 //   1.5-2.8% faster at 32 and 64 rows, 0.4-2.6% at 96 and 128; mixed at 192 and 256 rows). On the H100 an
 //   older kernel (fourth session, before the partial results were kept in L2) measured 32-64 rows between
 //   2% slower and 0.6% faster; not measured there since.
-constexpr int kEvictFirstMaxRowsPortable = 16;
+constexpr int kEvictFirstMaxRowsPortable = 64;
 constexpr int kEvictFirstMaxRowsSm90 = 128;
 bool kv_evict_first(int64_t rows_per_head_k, int max_rows) {
   return env_switch("FLASHMLA_KV_EVICT_FIRST", rows_per_head_k <= max_rows);
