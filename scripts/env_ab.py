@@ -8,6 +8,9 @@ decode runs and includes its wait). Outputs are checked against the fp32 referen
 in every round.
 
 python scripts/env_ab.py --var FLASHMLA_KV_EVICT_FIRST --values 1,0 --kernels auto,portable --out out/ab
+
+A row is "h_q,s_q,s_k,varlen[,page]" (page_block_size, default 64). The variable may be FLASHMLA_KERNEL
+itself (--var FLASHMLA_KERNEL --values sm90,portable --kernels auto): it is set after the kernel's.
 """
 
 import argparse
@@ -22,8 +25,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import common as C
 
-# (h_q, s_q, s_k, varlen): the memory-bound rows where the split pieces' partial results matter most
+# (h_q, s_q, s_k, varlen[, page]): the memory-bound rows where the split pieces' partial results matter most
 DEFAULT_ROWS = "16,1,4096,1;64,1,4096,0;64,1,4096,1;32,2,4096,1;64,1,8192,1;128,1,4096,1"
+
+
+def parse_row(text):
+    """'h_q,s_q,s_k,varlen[,page]' -> (h_q, s_q, s_k, varlen, page); page defaults to 64."""
+    fields = [int(x) for x in text.split(",")]
+    if len(fields) not in (4, 5):
+        raise ValueError(f"a row is 'h_q,s_q,s_k,varlen[,page]', got {text!r}")
+    return tuple(fields) if len(fields) == 5 else (*fields, 64)
 
 
 def main():
@@ -31,18 +42,18 @@ def main():
     ap.add_argument("--var", required=True)
     ap.add_argument("--values", required=True, help="comma-separated; the first is the baseline")
     ap.add_argument("--kernels", default="auto,portable")
-    ap.add_argument("--rows", default=DEFAULT_ROWS, help="h_q,s_q,s_k,varlen;...")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help="h_q,s_q,s_k,varlen[,page];...")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--out", default="out/ab")
     args = ap.parse_args()
 
     values = args.values.split(",")
-    rows = [tuple(int(x) for x in r.split(",")) for r in args.rows.split(";")]
+    rows = [parse_row(r) for r in args.rows.split(";")]
     results = []
-    for h_q, s_q, s_k, varlen in rows:
+    for h_q, s_q, s_k, varlen, page in rows:
         seqlens = C.make_seqlens(128, s_k, s_q, bool(varlen))
-        inp = C.build_inputs(128, s_q, h_q, seqlens)
+        inp = C.build_inputs(128, s_q, h_q, seqlens, page=page)
         n_bytes = C.bytes_moved(128, s_q, h_q, seqlens)
         step = C.decode_step(inp, include_metadata=False)
         for kernel in args.kernels.split(","):
@@ -60,7 +71,7 @@ def main():
                 os.environ[args.var] = v
                 decode_us[v] = C.profiled_kernel_us(step, "decode")
             for v in values:
-                rec = dict(kernel=kernel, h_q=h_q, s_q=s_q, s_k=s_k, varlen=bool(varlen), var=args.var, value=v,
+                rec = dict(kernel=kernel, h_q=h_q, s_q=s_q, s_k=s_k, varlen=bool(varlen), page=page, var=args.var, value=v,
                            us=statistics.median(us[v]), rounds=us[v], gbs=n_bytes / statistics.median(us[v]) / 1e3,
                            decode_us=decode_us[v], ok=ok[v])  # fmt: skip
                 results.append(rec)
@@ -72,17 +83,17 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab.json").write_text(json.dumps(results, indent=1))
     base = {
-        (r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"]): r["us"]
+        (r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"], r["page"]): r["us"]
         for r in results
         if r["value"] == values[0]
     }
     print(
-        f"\n| kernel | h_q | s_q | s_k | varlen | {args.var} | us | vs {values[0]} | GB/s | decode us | ok |"
+        f"\n| kernel | h_q | s_q | s_k | varlen | page | {args.var} | us | vs {values[0]} | GB/s | decode us | ok |"
     )
-    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---|")
     for r in results:
-        b = base[(r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"])]
-        print(f"| {r['kernel']} | {r['h_q']} | {r['s_q']} | {r['s_k']} | {r['varlen']} | {r['value']} | {r['us']:.1f} | "
+        b = base[(r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"], r["page"])]
+        print(f"| {r['kernel']} | {r['h_q']} | {r['s_q']} | {r['s_k']} | {r['varlen']} | {r['page']} | {r['value']} | {r['us']:.1f} | "
               f"{b / r['us']:.3f}x | {r['gbs']:.0f} | {r['decode_us']:.1f} | {r['ok']} |")  # fmt: skip
 
 

@@ -99,3 +99,15 @@ def test_stall_summary(tmp_path):
     bad.write_text('"a","b"\n"1","2"\n')
     with pytest.raises(SystemExit, match="not a source-page export"):
         stall_summary.summarize(str(bad))
+
+
+def test_env_ab_rows():
+    """scripts/env_ab.py rows: 'h_q,s_q,s_k,varlen[,page]', page 64 unless given; anything else raises."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import env_ab
+
+    assert env_ab.parse_row("64,1,4096,1") == (64, 1, 4096, 1, 64)
+    assert env_ab.parse_row("16,2,8192,0,16") == (16, 2, 8192, 0, 16)
+    for bad in ["64,1,4096", "64,1,4096,1,16,3"]:
+        with pytest.raises(ValueError, match="h_q,s_q,s_k,varlen"):
+            env_ab.parse_row(bad)
