@@ -82,17 +82,17 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab.json").write_text(json.dumps(results, indent=1))
-    base = {
-        (r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"], r["page"]): r["us"]
-        for r in results
-        if r["value"] == values[0]
-    }
+
+    def row_key(r):  # a row and kernel, whatever the variable's value
+        return r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"], r["page"]
+
+    base = {row_key(r): r["us"] for r in results if r["value"] == values[0]}
     print(
         f"\n| kernel | h_q | s_q | s_k | varlen | page | {args.var} | us | vs {values[0]} | GB/s | decode us | ok |"
     )
     print("|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---|")
     for r in results:
-        b = base[(r["kernel"], r["h_q"], r["s_q"], r["s_k"], r["varlen"], r["page"])]
+        b = base[row_key(r)]
         print(f"| {r['kernel']} | {r['h_q']} | {r['s_q']} | {r['s_k']} | {r['varlen']} | {r['page']} | {r['value']} | {r['us']:.1f} | "
               f"{b / r['us']:.3f}x | {r['gbs']:.0f} | {r['decode_us']:.1f} | {r['ok']} |")  # fmt: skip
 
