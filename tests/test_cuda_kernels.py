@@ -98,6 +98,38 @@ def test_hopper_and_portable_agree(monkeypatch, dtype, num_heads_q, seq_len_q, p
 
 
 @requires_hopper
+@DTYPES
+@pytest.mark.parametrize("page_block_size", [1, 16, 48, 100, 200])
+@pytest.mark.parametrize(
+    "num_heads_q,seq_len_q,head_dim,causal", [(16, 1, 576, False), (32, 2, 576, True), (128, 1, 512, False)]
+)
+def test_hopper_gather_pages(monkeypatch, dtype, page_block_size, num_heads_q, seq_len_q, head_dim, causal):
+    """The Hopper kernel's cp.async gather (pages that are not a multiple of 64: divisors of its 64-token
+    tile and pages that are not, so a tile crosses page ends at every offset), with both consumer
+    schedules, against the portable kernel and the float64 reference: varlen lengths with a zero and a
+    partial last page, NaN in every unused slot, sequences cut into pieces that start inside a page."""
+    inp = make_decode_inputs(
+        batch=5,
+        seq_len_q=seq_len_q,
+        num_heads_q=num_heads_q,
+        head_dim=head_dim,
+        page_block_size=page_block_size,
+        dtype=dtype,
+        device="cuda",
+        lengths=[0, 1, 777, 5000, 4099],
+        max_seqlen=5000,
+        causal=causal,
+        seed=seed_for("hopper-gather-pages", dtype, page_block_size, num_heads_q, seq_len_q, head_dim),
+    )
+    _, num_splits = inp.metadata()
+    assert int((num_splits[1:] - num_splits[:-1]).max()) > 1, "some sequence must be cut into pieces"
+    portable = run_with(monkeypatch, inp, FLASHMLA_KERNEL="portable")
+    for seesaw in ("0", "1"):
+        hopper = run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90", FLASHMLA_SM90_SEESAW=seesaw)
+        check_pair_against_reference(inp, hopper, portable)
+
+
+@requires_hopper
 def test_hopper_refuses_other_shapes(monkeypatch):
     """FLASHMLA_KERNEL=sm90 on a shape the Hopper kernel does not take raises (auto falls back)."""
     inp = make_decode_inputs(

@@ -48,6 +48,7 @@ struct Args {
   CUtensorMap kv_map;  // 4-D (channel, token in page, kv head, block) view of k_cache; TMA mode only
   DecodeParams p;
   bool use_tma;
+  bool async_gather;  // EXPERIMENT (FLASHMLA_SM90_EXP=1): cp.async tiles complete on the full barrier
 };
 
 // kSeesaw: the schedule of the consumers (below, seesaw_consumers). Its P tiles live in the dead rope
@@ -123,6 +124,11 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int s
                : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// The mbarrier gets one arrival when all of this thread's earlier cp.async copies have landed (.noinc:
+// that arrival is one of the barrier's expected count, set at init).
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -327,6 +333,72 @@ __device__ __forceinline__ void gather_rows(uint32_t dst, int tid, const T* any_
   }
 }
 
+// The cp.async gather of one KV tile (page sizes that are not a multiple of 64) by the 128 producer
+// threads, completed through the stage's full barrier(s) so that the producer moves on to the next tile
+// while this one is in flight (EXPERIMENT, args.async_gather). Thread tid copies chunk tid % 8 of every
+// 64-channel slice of the tile's rows tid / 8 + 16 r (r < kGatherRows); a row past the piece or on an
+// invalid block is zero-filled (src-size 0) and marked invalid. Arrivals per full barrier
+// (kGatherArrivals): each thread's noinc arrival once its copies of the barrier's slices have landed, and an
+// ordinary one (release: the valid flags) from each of the 16 threads that write valid flags. The copies are
+// generic-proxy writes that wgmma reads through the async proxy: the consumers fence after their wait.
+constexpr int kGatherRows = kTokens / 16;
+constexpr int kGatherArrivals = 128 + 16;
+
+// The thread's rows of one tile: source row r (any_valid_ptr where the row is masked: with src-size 0
+// nothing is read) and bit r of `live` set where the row exists.
+template <typename T>
+struct GatherRows {
+  const T* src[kGatherRows];
+  int live;
+};
+
+// Looks up the thread's tokens t0 + tid / 8 + 16 r. Registers only, so it may run before the stage is free.
+template <typename T>
+__device__ __forceinline__ GatherRows<T> gather_lookup(const DecodeParams& p, const Piece& pc, const int* table, int t0,
+                                                       int hk, int tid) {
+  const T* kv = static_cast<const T*>(p.k_cache);
+  GatherRows<T> g;
+  g.live = 0;
+#pragma unroll
+  for (int r = 0; r < kGatherRows; ++r) {
+    const int t = t0 + tid / 8 + 16 * r;
+    g.src[r] = kv;
+    if (t < pc.t_end) {
+      const int block = table[t / p.page_block_size];
+      if (block >= 0 && block < p.num_blocks) {
+        g.src[r] =
+            kv + int64_t(block) * p.k_stride_block + (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
+        g.live |= 1 << r;
+      }
+    }
+  }
+  return g;
+}
+
+// Issues the copies of the rows gather_lookup found into stage `dst` (valid flags `valid`, full barriers
+// from `stage_full`, kBars of them: one per slice, or one for the whole tile).
+template <int D, int kBars, typename T>
+__device__ __forceinline__ void gather_issue(uint32_t dst, unsigned char* valid, uint32_t stage_full, int tid,
+                                             const GatherRows<T>& g, uint64_t l2_policy) {
+  if (tid % 8 == 0) {
+#pragma unroll
+    for (int r = 0; r < kGatherRows; ++r) valid[tid / 8 + 16 * r] = (g.live >> r) & 1;
+#pragma unroll
+    for (int f = 0; f < kBars; ++f) mbar_arrive(stage_full + 8 * f);
+  }
+  // Row r of this thread: tile row tid / 8 + 16 r, whose swizzle (row % 8) is the same for every r.
+  const uint32_t row_dst = dst + swizzled(tid / 8, tid % 8);
+#pragma unroll
+  for (int slice = 0; slice < D / 64; ++slice) {
+#pragma unroll
+    for (int r = 0; r < kGatherRows; ++r)
+      cp_async_16(row_dst + slice * kSliceBytes + r * 16 * 128, g.src[r] + slice * 64 + (tid % 8) * 8,
+                  (g.live >> r) & 1 ? 16 : 0, l2_policy);
+    if constexpr (kBars > 1) cp_async_arrive_noinc(stage_full + 8 * slice);
+  }
+  if constexpr (kBars == 1) cp_async_arrive_noinc(stage_full);
+}
+
 // Q rows [row_base, row_base + 64) of sequence b for KV head hk -> sQ (swizzled), gathered by the 256
 // consumer threads; the caller waits for it (cp_async_wait_all, fence_proxy_async, consumer_sync).
 template <int D, typename T>
@@ -523,6 +595,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
 #pragma unroll
         for (int slice = 0; slice < S::kSlices; ++slice) {
           mbar_wait(sm.full_bar + 8 * (cw * S::full_per_stage + slice), parity);
+          if (!args.use_tma && args.async_gather) fence_proxy_async();  // gather_issue: generic writes -> wgmma
           wgmma_fence();  // after each wait: else ptxas serializes the wgmmas (C7520, the wait is a branch)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
@@ -713,7 +786,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       for (int f = 0; f < S::full_per_stage; ++f)
-        mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : 128);
+        mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma        ? 1
+                                                              : args.async_gather ? kGatherArrivals
+                                                                                  : 128);
       mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -738,11 +813,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         // Split schedule: the ring runs on across pieces. Seesaw: tile 2k in stage 0, 2k + 1 in stage 1.
         const int stage = kSeesaw ? tile % kStages : it % kStages;
         const int use = !kSeesaw ? it / kStages : stage == 0 ? uses0++ : uses1++;
-        if (use >= 1) mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
         const int t0 = pc.t_begin + tile * kTokens;
+        GatherRows<T> rows;
+        if (!args.use_tma && args.async_gather) rows = gather_lookup<T>(p, pc, table, t0, hk, tid);
+        if (use >= 1) mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
         const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
         unsigned char* valid = sValid + stage * kTokens;
-        if (args.use_tma) {
+        if (!args.use_tma && args.async_gather) {
+          gather_issue<D, S::full_per_stage, T>(dst, valid, full_bar + 8 * stage * S::full_per_stage, tid, rows,
+                                                l2_policy);
+        } else if (args.use_tma) {
           // The tile is tokens [t0, t0 + 64) of one page (page_block_size % 64 == 0, t0 % 64 == 0).
           const int block = table[t0 / p.page_block_size];
           const bool block_ok = block >= 0 && block < p.num_blocks;
@@ -781,6 +861,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         }
       }
     }
+    if (!args.use_tma && args.async_gather) cp_async_wait_all();  // no thread exits with copies in flight
   } else {
     // ----------------------------------------------------------------------------- consumers
     if constexpr (kSeesaw) {
@@ -817,6 +898,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           const uint32_t kv_addr = smem_u32(stage_ptr);
           const unsigned char* valid = sValid + stage * kTokens;
           mbar_wait(full_bar + 8 * stage * S::full_per_stage, (it / kStages) & 1);
+          if (!args.use_tma && args.async_gather) fence_proxy_async();  // gather_issue: generic writes -> wgmma
           if (args.use_tma && t0 + kTokens > pc.t_end) {
             clear_dead_v(stage_ptr, pc.t_end - t0, ctid, kConsumerThreads);
             fence_proxy_async();
