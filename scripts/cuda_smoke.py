@@ -122,6 +122,8 @@ def main():
     ok &= check(3, 5, 4, 2, 72, 72, 16, 90, True)
     ok &= check(2, 1, 16, 1, 576, 512, 64, 200, False)
     ok &= check(2, 1, 128, 1, 576, 512, 64, 300, True)  # two row tiles: the Hopper kernel's seesaw schedule
+    ok &= check(2, 1, 16, 1, 576, 512, 16, 200, False)  # the Hopper kernel's cp.async gather (page % 64 != 0)
+    ok &= check(2, 2, 64, 1, 576, 512, 100, 300, True)  # gather, tiles crossing page ends
     if not small:
         ok &= check(4, 1, 16, 1, 576, 512, 64, 3000, False)
         ok &= check(4, 2, 64, 1, 576, 512, 64, 2000, True)

@@ -6,7 +6,8 @@
 //     consumers and fills a 2-stage KV ring. Page sizes that are multiples of 64: one warp, TMA
 //     (a tile is 64 consecutive tokens of one page; 64-channel boxes land pre-swizzled; an
 //     out-of-range block id is an out-of-bounds box, which TMA fills with zeros). Other page sizes:
-//     all 128 threads gather the tile token by token with cp.async (zeros where masked).
+//     all 128 threads gather the tile token by token with cp.async (zeros where masked; gather_issue),
+//     each thread's copies completing on the full barrier, so two tiles can be in flight as with TMA.
 //     full[stage] says a tile landed (seesaw: full[stage][slice], one per 64-channel slice),
 //     empty[stage] that the consumers are done with it.
 //   consumers (warpgroups 1, 2 = cw 0, 1), one of two schedules (kSeesaw; mla_cuda.cu picks):
@@ -48,7 +49,6 @@ struct Args {
   CUtensorMap kv_map;  // 4-D (channel, token in page, kv head, block) view of k_cache; TMA mode only
   DecodeParams p;
   bool use_tma;
-  bool async_gather;  // EXPERIMENT (FLASHMLA_SM90_EXP=1): cp.async tiles complete on the full barrier
 };
 
 // kSeesaw: the schedule of the consumers (below, seesaw_consumers). Its P tiles live in the dead rope
@@ -335,9 +335,9 @@ __device__ __forceinline__ void gather_rows(uint32_t dst, int tid, const T* any_
 
 // The cp.async gather of one KV tile (page sizes that are not a multiple of 64) by the 128 producer
 // threads, completed through the stage's full barrier(s) so that the producer moves on to the next tile
-// while this one is in flight (EXPERIMENT, args.async_gather). Thread tid copies chunk tid % 8 of every
-// 64-channel slice of the tile's rows tid / 8 + 16 r (r < kGatherRows); a row past the piece or on an
-// invalid block is zero-filled (src-size 0) and marked invalid. Arrivals per full barrier
+// while this one is in flight (KERNEL_NOTES v14: 1.21-1.30x against waiting for each tile). Thread tid
+// copies chunk tid % 8 of every 64-channel slice of the tile's rows tid / 8 + 16 r (r < kGatherRows); a row
+// past the piece or on an invalid block is zero-filled (src-size 0) and marked invalid. Arrivals per full barrier
 // (kGatherArrivals): each thread's noinc arrival once its copies of the barrier's slices have landed, and an
 // ordinary one (release: the valid flags) from each of the 16 threads that write valid flags. The copies are
 // generic-proxy writes that wgmma reads through the async proxy: the consumers fence after their wait.
@@ -595,7 +595,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
 #pragma unroll
         for (int slice = 0; slice < S::kSlices; ++slice) {
           mbar_wait(sm.full_bar + 8 * (cw * S::full_per_stage + slice), parity);
-          if (!args.use_tma && args.async_gather) fence_proxy_async();  // gather_issue: generic writes -> wgmma
+          if (!args.use_tma) fence_proxy_async();  // gather_issue: generic writes -> wgmma
           wgmma_fence();  // after each wait: else ptxas serializes the wgmmas (C7520, the wait is a branch)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
@@ -786,9 +786,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       for (int f = 0; f < S::full_per_stage; ++f)
-        mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma        ? 1
-                                                              : args.async_gather ? kGatherArrivals
-                                                                                  : 128);
+        mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : kGatherArrivals);
       mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -815,14 +813,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         const int use = !kSeesaw ? it / kStages : stage == 0 ? uses0++ : uses1++;
         const int t0 = pc.t_begin + tile * kTokens;
         GatherRows<T> rows;
-        if (!args.use_tma && args.async_gather) rows = gather_lookup<T>(p, pc, table, t0, hk, tid);
+        if (!args.use_tma) rows = gather_lookup<T>(p, pc, table, t0, hk, tid);
         if (use >= 1) mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
         const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
         unsigned char* valid = sValid + stage * kTokens;
-        if (!args.use_tma && args.async_gather) {
+        if (!args.use_tma) {
           gather_issue<D, S::full_per_stage, T>(dst, valid, full_bar + 8 * stage * S::full_per_stage, tid, rows,
                                                 l2_policy);
-        } else if (args.use_tma) {
+        } else {
           // The tile is tokens [t0, t0 + 64) of one page (page_block_size % 64 == 0, t0 % 64 == 0).
           const int block = table[t0 / p.page_block_size];
           const bool block_ok = block >= 0 && block < p.num_blocks;
@@ -842,26 +840,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
                           bar, l2_policy);
             }
           }
-        } else {
-          gather_rows<D, 128>(dst, tid, static_cast<const T*>(p.k_cache), l2_policy, [&](int j) -> const T* {
-            const int t = t0 + j;
-            const T* src = nullptr;
-            if (t < pc.t_end) {
-              const int block = table[t / p.page_block_size];
-              if (block >= 0 && block < p.num_blocks)
-                src = static_cast<const T*>(p.k_cache) + block * p.k_stride_block +
-                      (t % p.page_block_size) * p.k_stride_token + hk * p.k_stride_head;
-            }
-            if (tid % 8 == 0) valid[j] = src != nullptr;
-            return src;
-          });
-          cp_async_wait_all();
-          fence_proxy_async();  // this thread's cp.async writes -> the consumers' wgmma reads
-          for (int f = 0; f < S::full_per_stage; ++f) mbar_arrive(full_bar + 8 * (stage * S::full_per_stage + f));
         }
       }
     }
-    if (!args.use_tma && args.async_gather) cp_async_wait_all();  // no thread exits with copies in flight
+    if (!args.use_tma) cp_async_wait_all();  // no thread exits with copies in flight
   } else {
     // ----------------------------------------------------------------------------- consumers
     if constexpr (kSeesaw) {
@@ -898,7 +880,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           const uint32_t kv_addr = smem_u32(stage_ptr);
           const unsigned char* valid = sValid + stage * kTokens;
           mbar_wait(full_bar + 8 * stage * S::full_per_stage, (it / kStages) & 1);
-          if (!args.use_tma && args.async_gather) fence_proxy_async();  // gather_issue: generic writes -> wgmma
+          if (!args.use_tma) fence_proxy_async();  // gather_issue: generic writes -> wgmma
           if (args.use_tma && t0 + kTokens > pc.t_end) {
             clear_dead_v(stage_ptr, pc.t_end - t0, ctid, kConsumerThreads);
             fence_proxy_async();

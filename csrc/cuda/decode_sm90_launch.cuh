@@ -4,7 +4,6 @@
 #include <c10/util/Exception.h>
 #include <cudaTypedefs.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "decode_launchers.h"
@@ -57,8 +56,6 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
   args.use_tma = p.page_block_size % kTokens == 0;
   if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  const char* exp = std::getenv("FLASHMLA_SM90_EXP");  // EXPERIMENT: the async cp.async gather
-  args.async_gather = exp != nullptr && exp[0] == '1';
   auto run = [&](auto seesaw) {
     constexpr bool kSeesaw = decltype(seesaw)::value;
     constexpr int smem_bytes = Smem<D, kSeesaw>::total;
