@@ -2,7 +2,7 @@
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
 #   scripts/gpu_run.sh [stage ...]   stages: ceilings build tune sched ab smoke tests aoti sanitize
-#                                    racecheck_repro profile profile_source bench metadata
+#                                    racecheck_repro profile profile_source bench ab_build metadata
 #                                    (default: build smoke tests aoti sanitize bench; a 10-minute call
 #                                    fits `build smoke tests bench`, then `build aoti sanitize`)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call. The tree copied to the GPU machine
@@ -159,6 +159,24 @@ if has bench; then
       > "$OUT/bench_$kernel/log.txt" 2>&1
     note "bench $kernel rc=$? $(elapsed)"
     cat "$OUT/bench_$kernel/results.md" 2>/dev/null || tail -20 "$OUT/bench_$kernel/log.txt"
+  done
+fi
+if has ab_build; then
+  # Two builds on the benchmark grid (changes that no environment switch can select): this tree against a
+  # copy of it with the files under $AB_BASE (ignored, carried with the call; e.g. out/base holding a
+  # commit's versions of the changed sources) laid over csrc/cuda, built apart; AB_BUILD_ROUNDS interleaved
+  # rounds of bench_decode.py (--kernel ${AB_BUILD_KERNEL:-auto} --rows ${AB_BUILD_ROWS:-grid}) each.
+  base=/tmp/flashmla_ab_base
+  rm -rf "$base" && cp -a . "$base" && cp "${AB_BASE:-out/base}"/* "$base/csrc/cuda/"
+  (cd "$base" && FLASHMLA_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/ab_build_base.log" 2>&1)
+  note "ab_build base build rc=$? $(elapsed)"
+  for round in $(seq "${AB_BUILD_ROUNDS:-2}"); do
+    for which in tree base; do
+      dir=$PWD; [ $which = base ] && dir=$base
+      (cd "$dir" && PYTHONPATH=$dir:$dir/.whl/site $PY benchmarks/bench_decode.py --kernel "${AB_BUILD_KERNEL:-auto}" \
+        --rows "${AB_BUILD_ROWS:-grid}" --out "$OUT/ab_build_${which}_$round" > "$OUT/ab_build_${which}_$round.log" 2>&1)
+      note "ab_build $which round $round rc=$? $(elapsed)"
+    done
   done
 fi
 if has metadata; then
