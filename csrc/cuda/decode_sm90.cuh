@@ -48,7 +48,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 struct Args {
   CUtensorMap kv_map;  // 4-D (channel, token in page, kv head, block) view of k_cache; TMA mode only
   DecodeParams p;
-  bool use_tma;
 };
 
 // kSeesaw: the schedule of the consumers (below, seesaw_consumers). Its P tiles live in the dead rope
@@ -308,10 +307,10 @@ __device__ __forceinline__ Piece piece_of(const DecodeParams& p, const int* md, 
 // A tile of TMA mode that needs no per-token mask: inside the piece, on a valid block (one page per tile,
 // so valid[0] says it for every token) and wholly before both of the thread's rows' causal limits
 // (KERNEL_NOTES v9b: seesaw 1.00-1.06x; v10: split about 1.005x).
-__device__ __forceinline__ bool whole_visible_tile(const Args& args, const Piece& pc, int t0,
-                                                   const unsigned char* valid, const int (&last_visible)[2]) {
-  return args.use_tma && t0 + kTokens <= pc.t_end && valid[0] &&
-         t0 + kTokens - 1 <= min(last_visible[0], last_visible[1]);
+template <bool kTma>
+__device__ __forceinline__ bool whole_visible_tile(const Piece& pc, int t0, const unsigned char* valid,
+                                                   const int (&last_visible)[2]) {
+  return kTma && t0 + kTokens <= pc.t_end && valid[0] && t0 + kTokens - 1 <= min(last_visible[0], last_visible[1]);
 }
 
 // Copies 64 rows of D channels into a swizzled matrix with `threads` threads (8 per row);
@@ -431,13 +430,13 @@ __device__ __forceinline__ float quad_max(float x) {
 // Scales this thread's scores of a tile to the log2 domain, masks the tokens it may not see (-inf) and
 // takes their row maxima over the quad. s[4 j + e] is token first_token + 8 j + 2 (lane % 4) + (e & 1) of
 // the tile (t0 ..), row half e / 2; N / 4 groups of 8 tokens. A whole visible tile skips the mask.
-template <int N>
+template <bool kTma, int N>
 __device__ __forceinline__ void mask_scale_rowmax(float (&s)[N], float (&tile_max)[2], const Args& args,
                                                   const Piece& pc, int t0, const unsigned char* valid, int first_token,
                                                   const int (&last_visible)[2], int lane) {
   const float scale = args.p.scale_log2;
   tile_max[0] = tile_max[1] = -INFINITY;
-  if (whole_visible_tile(args, pc, t0, valid, last_visible)) {
+  if (whole_visible_tile<kTma>(pc, t0, valid, last_visible)) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       s[i] *= scale;
@@ -544,7 +543,7 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 // so one warpgroup's softmax overlaps the other's tensor-core work. l (row sums of P) is kept per
 // warpgroup in the same units and added at the end. The producer fills stage (tile % 2) and counts
 // the fills of each stage (a piece with an odd tile count leaves stage 1 out of its last pair).
-template <typename T, int D>
+template <typename T, int D, bool kTma>
 __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemRegions& sm, int tid, const int* md,
                                                  int begin_batch, int end_batch, int hk, int row_base,
                                                  uint64_t l2_policy) {
@@ -595,7 +594,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
 #pragma unroll
         for (int slice = 0; slice < S::kSlices; ++slice) {
           mbar_wait(sm.full_bar + 8 * (cw * S::full_per_stage + slice), parity);
-          if (!args.use_tma) fence_proxy_async();  // gather_issue: generic writes -> wgmma
+          if constexpr (!kTma) fence_proxy_async();  // gather_issue: generic writes -> wgmma
           wgmma_fence();  // after each wait: else ptxas serializes the wgmmas (C7520, the wait is a branch)
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
@@ -606,7 +605,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
         }
         wgmma_commit();
         wgmma_wait<0>();
-        if (args.use_tma && t0 + kTokens > pc.t_end) {
+        if (kTma && t0 + kTokens > pc.t_end) {
           // Every slice has landed. The other warpgroup reads these V rows only after this one's
           // handshake barrier.
           clear_dead_v(sm.kv + cw * S::stage_bytes, pc.t_end - t0, ctid % 128, 128);
@@ -617,7 +616,7 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
             named_sync<kBarWarpgroup + 1>(128);
         }
         // s[4j + e]: token 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
-        mask_scale_rowmax(s, tile_max, args, pc, t0, sm.valid + cw * kTokens, 0, last_visible, lane);
+        mask_scale_rowmax<kTma>(s, tile_max, args, pc, t0, sm.valid + cw * kTokens, 0, last_visible, lane);
       }
       // The own tile's softmax against the current m: moves m (lazily, warp-uniform), writes P to
       // registers (wgmma A fragments) and to this stage's P slot, publishes the new m, adds to l.
@@ -752,7 +751,8 @@ __device__ __forceinline__ void seesaw_consumers(const Args& args, const SmemReg
   }
 }
 
-template <typename T, int D, bool kSeesaw>
+// kTma: the page size is a multiple of 64 (one TMA box per slice of a tile), else the cp.async gather.
+template <typename T, int D, bool kSeesaw, bool kTma>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __grid_constant__ Args args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma exists only in the sm_90a pass of the build
   using S = Smem<D, kSeesaw>;
@@ -786,7 +786,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       for (int f = 0; f < S::full_per_stage; ++f)
-        mbar_init(full_bar + 8 * (s * S::full_per_stage + f), args.use_tma ? 1 : kGatherArrivals);
+        mbar_init(full_bar + 8 * (s * S::full_per_stage + f), kTma ? 1 : kGatherArrivals);
       mbar_init(empty_bar + 8 * s, kConsumerThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -801,7 +801,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     else
       asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
-    if (args.use_tma && tid >= 32) return;
+    if (kTma && tid >= 32) return;
     int it = 0;
     int uses0 = 0, uses1 = 0;  // seesaw: fills of stage 0 / 1 so far
     for (int b = begin_batch; b <= end_batch; ++b) {
@@ -813,11 +813,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         const int use = !kSeesaw ? it / kStages : stage == 0 ? uses0++ : uses1++;
         const int t0 = pc.t_begin + tile * kTokens;
         GatherRows<T> rows;
-        if (!args.use_tma) rows = gather_lookup<T>(p, pc, table, t0, hk, tid);
+        if constexpr (!kTma) rows = gather_lookup<T>(p, pc, table, t0, hk, tid);
         if (use >= 1) mbar_wait(empty_bar + 8 * stage, (use + 1) & 1);
         const uint32_t dst = smem_u32(sKV + stage * S::stage_bytes);
         unsigned char* valid = sValid + stage * kTokens;
-        if (!args.use_tma) {
+        if constexpr (!kTma) {
           gather_issue<D, S::full_per_stage, T>(dst, valid, full_bar + 8 * stage * S::full_per_stage, tid, rows,
                                                 l2_policy);
         } else {
@@ -843,12 +843,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
         }
       }
     }
-    if (!args.use_tma) cp_async_wait_all();  // no thread exits with copies in flight
+    if constexpr (!kTma) cp_async_wait_all();  // no thread exits with copies in flight
   } else {
     // ----------------------------------------------------------------------------- consumers
     if constexpr (kSeesaw) {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-      seesaw_consumers<T, D>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
+      seesaw_consumers<T, D, kTma>(args, regions, tid, md, begin_batch, end_batch, hk, row_base, l2_policy);
     } else {
       asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
       const int ctid = tid - 128;  // 0..255
@@ -880,8 +880,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
           const uint32_t kv_addr = smem_u32(stage_ptr);
           const unsigned char* valid = sValid + stage * kTokens;
           mbar_wait(full_bar + 8 * stage * S::full_per_stage, (it / kStages) & 1);
-          if (!args.use_tma) fence_proxy_async();  // gather_issue: generic writes -> wgmma
-          if (args.use_tma && t0 + kTokens > pc.t_end) {
+          if constexpr (!kTma) fence_proxy_async();  // gather_issue: generic writes -> wgmma
+          if (kTma && t0 + kTokens > pc.t_end) {
             clear_dead_v(stage_ptr, pc.t_end - t0, ctid, kConsumerThreads);
             fence_proxy_async();
             consumer_sync();
@@ -906,7 +906,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_sm90_kernel(const __gr
 
           // Mask and scale. s[4j + e]: token 32 cw + 8 j + 2 (lane % 4) + (e & 1), row row_lo + 8 (e / 2).
           float tile_max[2];
-          mask_scale_rowmax(s, tile_max, args, pc, t0, valid, cw * 32, last_visible, lane);
+          mask_scale_rowmax<kTma>(s, tile_max, args, pc, t0, valid, cw * 32, last_visible, lane);
           if (lane % 4 == 0) {
             sStats[cw * kRows + row_lo] = tile_max[0];
             sStats[cw * kRows + row_lo + 8] = tile_max[1];

@@ -54,20 +54,26 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   args.p = p;
   args.p.partials_in_l2 = p.partials_in_l2 && m_blocks == 1;  // l2_policy.cuh
   // TMA needs whole 64-token tiles inside one page; other page sizes gather with cp.async.
-  args.use_tma = p.page_block_size % kTokens == 0;
-  if (args.use_tma) args.kv_map = make_kv_map<T>(p);
-  auto run = [&](auto seesaw) {
+  const bool use_tma = p.page_block_size % kTokens == 0;
+  if (use_tma) args.kv_map = make_kv_map<T>(p);
+  auto run = [&](auto seesaw, auto tma) {
     constexpr bool kSeesaw = decltype(seesaw)::value;
     constexpr int smem_bytes = Smem<D, kSeesaw>::total;
-    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw>;
+    auto kernel = mla_decode_sm90_kernel<T, D, kSeesaw, decltype(tma)::value>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
     kernel<<<dim3(p.num_sm_parts, p.num_heads_k * m_blocks), kThreads, smem_bytes, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
+  auto run_pages = [&](auto seesaw) {
+    if (use_tma)
+      run(seesaw, std::true_type{});
+    else
+      run(seesaw, std::false_type{});
+  };
   if (p.sm90_seesaw)
-    run(std::true_type{});
+    run_pages(std::true_type{});
   else
-    run(std::false_type{});
+    run_pages(std::false_type{});
 }
 
 template <typename T>
