@@ -130,6 +130,34 @@ def test_hopper_gather_pages(monkeypatch, dtype, page_block_size, num_heads_q, s
 
 
 @requires_hopper
+@pytest.mark.parametrize(
+    "num_heads_q,page_block_size,expected",
+    [(16, 1, "portable"), (8, 1, "portable"), (32, 1, "sm90"), (16, 16, "sm90")],
+)
+def test_auto_kernel_choice_on_gather_pages(monkeypatch, num_heads_q, page_block_size, expected):
+    """FLASHMLA_KERNEL=auto on shapes both kernels take: one-token pages with at most 16 query rows per KV
+    head go to the portable kernel (mla_cuda.cu auto_prefers_portable), the rest to the Hopper kernel. The
+    two kernels round differently, so auto's output equals the expected kernel's bit for bit."""
+    inp = make_decode_inputs(
+        batch=3,
+        num_heads_q=num_heads_q,
+        page_block_size=page_block_size,
+        dtype=torch.bfloat16,
+        device="cuda",
+        max_seqlen=700,
+        seed=seed_for("auto-choice", num_heads_q, page_block_size),
+    )
+    auto = run_with(monkeypatch, inp, FLASHMLA_KERNEL="auto")
+    chosen = run_with(monkeypatch, inp, FLASHMLA_KERNEL=expected)
+    other = run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90" if expected == "portable" else "portable")
+    assert_bitwise_equal(auto[0], chosen[0])
+    assert_bitwise_equal(auto[1], chosen[1])
+    assert not (torch.equal(auto[0], other[0]) and torch.equal(auto[1], other[1])), (
+        "the two kernels gave the same bits: the test cannot tell them apart"
+    )
+
+
+@requires_hopper
 def test_hopper_refuses_other_shapes(monkeypatch):
     """FLASHMLA_KERNEL=sm90 on a shape the Hopper kernel does not take raises (auto falls back)."""
     inp = make_decode_inputs(

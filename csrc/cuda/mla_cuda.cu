@@ -81,9 +81,9 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
   return {metadata, num_splits};
 }
 
-// Which decode kernel runs: FLASHMLA_KERNEL=auto (default: Hopper kernel where it applies, else
-// portable), portable, or sm90 (error where the Hopper kernel does not apply). Read per call so
-// tests can run both paths on the same inputs.
+// Which decode kernel runs: FLASHMLA_KERNEL=auto (default: the Hopper kernel where it applies, except
+// where auto_prefers_portable; else portable), portable, or sm90 (error where the Hopper kernel does not
+// apply). Read per call so tests can run both paths on the same inputs.
 enum class KernelChoice { kAuto, kPortable, kSm90 };
 
 KernelChoice kernel_choice() {
@@ -153,6 +153,18 @@ float rescale_threshold() {
   TORCH_CHECK(*end == 0 && t >= 0.f && t <= 15.f, "FLASHMLA_RESCALE_THRESHOLD must be a number in [0, 15], got '", v,
               "'");
   return t;
+}
+
+// Calls the Hopper kernel takes that the automatic choice still sends to the portable kernel: one-token
+// pages with at most 16 query rows per KV head. There every token of the Hopper kernel's 64-token tile is
+// a table lookup of its own, while the portable kernel (its 16-row configuration: fewer rows of mma work
+// per token) hides them. Measured on the H200 (docs/KERNEL_NOTES.md v14, the Hopper gather since bccb0e0):
+// 4096/16/1 fixed, 1-token pages, portable 1.13x faster; 16- and 32-token pages at 8-16 rows the Hopper
+// kernel 1.03-1.05x faster; 1-token pages at 64 rows the Hopper kernel 1.40x faster.
+constexpr int kPortableMaxPage = 1;
+constexpr int kPortableMaxRows = 16;
+bool auto_prefers_portable(int64_t rows_per_head_k, int64_t page_block_size) {
+  return page_block_size <= kPortableMaxPage && rows_per_head_k <= kPortableMaxRows;
 }
 
 // Launches the Hopper kernel if this build has it, the device is sm_90 and the shapes fit.
@@ -239,7 +251,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_kvcache_mla_cuda(const at::Tensor& q, con
   const DeviceFacts& dev = device_facts(q.get_device());
   const KernelChoice choice = kernel_choice();
   bool launched = false;
-  if (choice != KernelChoice::kPortable) launched = try_launch_sm90(p, is_bf16, dev, stream);
+  const bool try_sm90 = choice == KernelChoice::kSm90 ||
+                        (choice == KernelChoice::kAuto && !auto_prefers_portable(s.rows_per_head_k, s.page_block_size));
+  if (try_sm90) launched = try_launch_sm90(p, is_bf16, dev, stream);
   TORCH_CHECK(launched || choice != KernelChoice::kSm90,
               "flash_mla_with_kvcache: FLASHMLA_KERNEL=sm90 but the Hopper kernel does not apply here (needs an "
               "sm_90a build, an sm_90 GPU, head_dim 576 or 512, head_dim_v 512, 16-byte aligned rows)");
