@@ -132,11 +132,11 @@ def test_hopper_gather_pages(monkeypatch, dtype, page_block_size, num_heads_q, s
 @requires_hopper
 @pytest.mark.parametrize(
     "num_heads_q,page_block_size,expected",
-    [(16, 1, "portable"), (8, 1, "portable"), (32, 1, "sm90"), (16, 16, "sm90")],
+    [(16, 1, "portable"), (8, 2, "portable"), (32, 1, "sm90"), (16, 4, "sm90"), (16, 16, "sm90")],
 )
 def test_auto_kernel_choice_on_gather_pages(monkeypatch, num_heads_q, page_block_size, expected):
-    """FLASHMLA_KERNEL=auto on shapes both kernels take: one-token pages with at most 16 query rows per KV
-    head go to the portable kernel (mla_cuda.cu auto_prefers_portable), the rest to the Hopper kernel. The
+    """FLASHMLA_KERNEL=auto on shapes both kernels take: pages of 1-2 tokens with at most 16 query rows per
+    KV head go to the portable kernel (mla_cuda.cu auto_prefers_portable), the rest to the Hopper kernel. The
     two kernels round differently, so auto's output equals the expected kernel's bit for bit."""
     inp = make_decode_inputs(
         batch=3,

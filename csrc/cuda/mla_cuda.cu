@@ -155,13 +155,13 @@ float rescale_threshold() {
   return t;
 }
 
-// Calls the Hopper kernel takes that the automatic choice still sends to the portable kernel: one-token
-// pages with at most 16 query rows per KV head. There every token of the Hopper kernel's 64-token tile is
-// a table lookup of its own, while the portable kernel (its 16-row configuration: fewer rows of mma work
-// per token) hides them. Measured on the H200 (docs/KERNEL_NOTES.md v14, the Hopper gather since bccb0e0):
-// 4096/16/1 fixed, 1-token pages, portable 1.13x faster; 16- and 32-token pages at 8-16 rows the Hopper
-// kernel 1.03-1.05x faster; 1-token pages at 64 rows the Hopper kernel 1.40x faster.
-constexpr int kPortableMaxPage = 1;
+// Calls the Hopper kernel takes that the automatic choice still sends to the portable kernel: pages of
+// one or two tokens with at most 16 query rows per KV head. There each of the Hopper kernel's 64-token
+// tiles costs 64 or 32 table lookups, which its 16-row tile of mma work does not cover, while the portable
+// kernel hides them. Measured on the H200 (docs/KERNEL_NOTES.md v14, the Hopper gather of bccb0e0), 4096
+// tokens, sm90 / portable time at 8-16 rows: 1-token pages 0.88-0.89, 2-token 0.92, 4-token 0.99 (even),
+// 8-token 1.02, 16- and 32-token 1.03-1.05; at 32 rows the Hopper kernel wins on every page (1-token 1.26x).
+constexpr int kPortableMaxPage = 2;
 constexpr int kPortableMaxRows = 16;
 bool auto_prefers_portable(int64_t rows_per_head_k, int64_t page_block_size) {
   return page_block_size <= kPortableMaxPage && rows_per_head_k <= kPortableMaxRows;
