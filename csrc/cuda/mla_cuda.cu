@@ -159,7 +159,7 @@ float rescale_threshold() {
 // one or two tokens with at most 16 query rows per KV head. There each of the Hopper kernel's 64-token
 // tiles costs 64 or 32 table lookups, which its 16-row tile of mma work does not cover, while the portable
 // kernel hides them. Measured on the H200 (docs/KERNEL_NOTES.md v14, the Hopper gather of bccb0e0), 4096
-// tokens, sm90 / portable time at 8-16 rows: 1-token pages 0.88-0.89, 2-token 0.92, 4-token 0.99 (even),
+// tokens, portable / Hopper time at 8-16 rows: 1-token pages 0.88-0.89, 2-token 0.92, 4-token 0.99 (even),
 // 8-token 1.02, 16- and 32-token 1.03-1.05; at 32 rows the Hopper kernel wins on every page (1-token 1.26x).
 constexpr int kPortableMaxPage = 2;
 constexpr int kPortableMaxRows = 16;
