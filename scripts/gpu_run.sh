@@ -178,6 +178,9 @@ if has ab_build; then
       note "ab_build $which round $round rc=$? $(elapsed)"
     done
   done
+  $PY scripts/ab_build_compare.py "$OUT" --json "$OUT/ab_build.json" > "$OUT/ab_build.md" 2>&1
+  note "ab_build compare rc=$? : $(tail -n 1 "$OUT/ab_build.md")"
+  cat "$OUT/ab_build.md"
 fi
 if has metadata; then
   # get_mla_metadata alone (benchmarks/bench_metadata.py): graph replay and kernel time.

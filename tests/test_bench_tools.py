@@ -111,3 +111,32 @@ def test_env_ab_rows():
     for bad in ["64,1,4096", "64,1,4096,1,16,3"]:
         with pytest.raises(ValueError, match="h_q,s_q,s_k,varlen"):
             env_ab.parse_row(bad)
+
+
+def test_ab_build_compare(tmp_path):
+    """scripts/ab_build_compare.py: rounds in round order (10 after 2), directories only (not the .log
+    beside them), rows every round of both sides timed, base / tree of the medians, a summary line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import ab_build_compare
+
+    def write(which, rnd, times):
+        d = tmp_path / f"ab_build_{which}_{rnd}"
+        d.mkdir()
+        rows = [{"label": k, "us": v} for k, v in times.items()]
+        (d / "results.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+        (tmp_path / f"ab_build_{which}_{rnd}.log").write_text("log")
+
+    write("tree", 1, {"a": 100.0, "b": 200.0, "c": 1.0})
+    write("tree", 2, {"a": 102.0, "b": 210.0})
+    write("tree", 10, {"a": 101.0, "b": 190.0, "c": 1.0})
+    for rnd, a in ((1, 110.0), (2, 111.0), (10, 109.0)):
+        write("base", rnd, {"a": a, "b": 200.0, "c": 1.0})
+    tree = ab_build_compare.rounds_of(tmp_path, "tree")
+    assert [r["a"] for r in tree] == [100.0, 102.0, 101.0]
+    rows = ab_build_compare.compare(tree, ab_build_compare.rounds_of(tmp_path, "base"))
+    assert [r[0] for r in rows] == ["a", "b"]  # "c" is missing from tree round 2
+    assert rows[0][3] == pytest.approx(110.0 / 101.0)
+    assert rows[1][3] == pytest.approx(1.0)
+    table = ab_build_compare.markdown(rows)
+    assert "| a | 100.0 | 102.0 | 101.0 | 110.0 | 111.0 | 109.0 | 1.089x |" in table
+    assert table.endswith("max 1.089x")
