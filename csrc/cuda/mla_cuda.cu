@@ -131,7 +131,8 @@ bool partials_in_l2() { return env_switch("FLASHMLA_PARTIALS_L2", true); }
 // of every other tile; one's softmax overlaps the other's tensor-core work) or split (both split
 // every tile's scores by tokens). Measured on the H200 (docs/KERNEL_NOTES.md v7): with TMA pages
 // (page_block_size % 64 == 0) seesaw 2-10% faster above 64 query rows per KV head (two or more row
-// tiles), 0-5% slower up to 64; with cp.async gathers (other page sizes) 32-34% longer at 128 rows.
+// tiles), 0-5% slower up to 64; with cp.async gathers (other page sizes) 32-34% longer at 128 rows, and
+// with the gather of v14 (two tiles in flight) still 2-5% longer at 128-256 rows.
 // So seesaw above 64 rows on TMA pages. FLASHMLA_SM90_SEESAW=1 / 0 forces it (read per call, for
 // measurements and tests).
 constexpr int kSeesawMinRows = 65;
