@@ -47,6 +47,18 @@ def hopper_available() -> bool:
 requires_hopper = pytest.mark.skipif(not hopper_available(), reason="needs an sm_90 GPU and the sm_90a build")
 
 
+def cut_sequences_inputs(**shape):
+    """CUDA inputs for the odd-page tests: lengths 0, 1, 777, 5000, 4099 (an empty row, partial last pages,
+    NaN in every unused slot), two sequences long enough that the schedule cuts them into pieces that start
+    inside a page (asserted)."""
+    inp = make_decode_inputs(
+        batch=5, device="cuda", lengths=[0, 1, 777, 5000, 4099], max_seqlen=5000, **shape
+    )
+    _, num_splits = inp.metadata()
+    assert int((num_splits[1:] - num_splits[:-1]).max()) > 1, "some sequence must be cut into pieces"
+    return inp
+
+
 def run_with(monkeypatch, inp, **env):
     """One call of the op with the given FLASHMLA_* variables (read by the op on every call)."""
     for name, value in env.items():
@@ -108,21 +120,15 @@ def test_hopper_gather_pages(monkeypatch, dtype, page_block_size, num_heads_q, s
     tile and pages that are not, so a tile crosses page ends at every offset), with both consumer
     schedules, against the portable kernel and the float64 reference: varlen lengths with a zero and a
     partial last page, NaN in every unused slot, sequences cut into pieces that start inside a page."""
-    inp = make_decode_inputs(
-        batch=5,
+    inp = cut_sequences_inputs(
         seq_len_q=seq_len_q,
         num_heads_q=num_heads_q,
         head_dim=head_dim,
         page_block_size=page_block_size,
         dtype=dtype,
-        device="cuda",
-        lengths=[0, 1, 777, 5000, 4099],
-        max_seqlen=5000,
         causal=causal,
         seed=seed_for("hopper-gather-pages", dtype, page_block_size, num_heads_q, seq_len_q, head_dim),
     )
-    _, num_splits = inp.metadata()
-    assert int((num_splits[1:] - num_splits[:-1]).max()) > 1, "some sequence must be cut into pieces"
     portable = run_with(monkeypatch, inp, FLASHMLA_KERNEL="portable")
     for seesaw in ("0", "1"):
         hopper = run_with(monkeypatch, inp, FLASHMLA_KERNEL="sm90", FLASHMLA_SM90_SEESAW=seesaw)
@@ -219,21 +225,15 @@ def test_portable_pages_that_do_not_divide_the_tile(
     zero and a partial last page, NaN in every unused slot, two sequences long enough to be cut into
     pieces that start inside a page. Rows of whole 64-channel groups (576, 128: the lean copy path, with
     one and several KV heads) and padded odd ones (40: copy_row)."""
-    inp = make_decode_inputs(
-        batch=5,
+    inp = cut_sequences_inputs(
         num_heads_q=num_heads_q,
         num_heads_k=num_heads_k,
         head_dim=head_dim,
         head_dim_v=head_dim_v,
         page_block_size=page_block_size,
         dtype=dtype,
-        device="cuda",
-        lengths=[0, 1, 777, 5000, 4099],
-        max_seqlen=5000,
         seed=seed_for("portable-pages", dtype, page_block_size, num_heads_q, num_heads_k, head_dim),
     )
-    _, num_splits = inp.metadata()
-    assert int((num_splits[1:] - num_splits[:-1]).max()) > 1, "some sequence must be cut into pieces"
     out, lse = run_with(monkeypatch, inp, FLASHMLA_KERNEL="portable")
     check_against_reference(inp, out, lse)
 
