@@ -17,8 +17,7 @@ from pathlib import Path
 
 def load_times(path):
     """bench_decode.py results.json -> {row label: us} for the rows that were timed."""
-    data = json.loads(Path(path).read_text())
-    rows = data["rows"] if isinstance(data, dict) else data
+    rows = json.loads(Path(path).read_text())["rows"]
     return {r["label"]: r["us"] for r in rows if r.get("us") is not None}
 
 

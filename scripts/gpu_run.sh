@@ -29,6 +29,8 @@ note() { summary+=("$1"); echo "$1" >> "$FINAL_OUT/summary.txt"; }
 : > "$FINAL_OUT/summary.txt"
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# Builds the extension in place in the current directory (CPU + CUDA), logging to $1.
+build_ext() { FLASHMLA_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$1" 2>&1; }
 t0=$(date +%s)
 elapsed() { echo "t+$(( $(date +%s) - t0 ))s"; }
 
@@ -45,7 +47,7 @@ fi
 
 if has build; then
   start=$(date +%s)
-  FLASHMLA_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  build_ext "$OUT/build.log"
   rc=$?
   note "build rc=$rc $(( $(date +%s) - start ))s"
   if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1; fi
@@ -168,7 +170,7 @@ if has ab_build; then
   # rounds of bench_decode.py (--kernel ${AB_BUILD_KERNEL:-auto} --rows ${AB_BUILD_ROWS:-grid}) each.
   base=/tmp/flashmla_ab_base
   rm -rf "$base" && cp -a . "$base" && cp "${AB_BASE:-out/base}"/* "$base/csrc/cuda/"
-  (cd "$base" && FLASHMLA_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/ab_build_base.log" 2>&1)
+  (cd "$base" && build_ext "$OUT/ab_build_base.log")
   note "ab_build base build rc=$? $(elapsed)"
   for round in $(seq "${AB_BUILD_ROUNDS:-2}"); do
     for which in tree base; do
