@@ -3,7 +3,8 @@
 
 Grid (DESIGN §6): b=128, d=576, dv=512, h_kv=1, causal, page 64, bf16;
 s_k {4096, 8192} x h_q {16, 32, 64, 128} x s_q {1, 2} x {fixed, varlen}: 32 rows.
-Extra rows: page sizes 16 and 128, and s_q 4 and 8 (no anchors for them).
+Extra rows: page sizes 16 and 128, and s_q 4 and 8 (no anchors for them). Page rows (--rows pages, not in
+"all"): 1-, 2-, 16- and 48-token pages at 16, 64 and 128 query rows.
 
 Each row: random inputs (benchmarks/common.py: random bf16, random page permutation, NaN past each
 sequence's end; varlen lengths by FlashMLA's rule, reseeded per row), the decode step
@@ -53,7 +54,7 @@ class Row:
     varlen: bool
     page: int = 64
     b: int = 128
-    group: str = "grid"  # grid | extra
+    group: str = "grid"  # grid | extra | pages
 
     @property
     def anchor_key(self):
@@ -83,6 +84,12 @@ def extra_rows(b: int = 128) -> List[Row]:
     return rows
 
 
+def page_rows(b: int = 128) -> List[Row]:
+    """Pages that are not a multiple of 64 tokens (the Hopper kernel gathers them with cp.async; SGLang's
+    default is 1-token pages), at 16 / 64 / 128 query rows (no anchors)."""
+    return [Row(4096, h_q, 1, False, page, b, "pages") for page in (1, 2, 16, 48) for h_q in (16, 64, 128)]
+
+
 def quick_rows(b: int = 128) -> List[Row]:
     return [
         Row(4096, 16, 1, False, b=b),
@@ -98,7 +105,10 @@ def select_rows(which: str, quick: bool, b: int) -> List[Row]:
     if quick:
         rows = quick_rows(b)
         return [r for r in rows if which == "all" or r.group == which]
-    return {"grid": grid_rows, "extra": extra_rows, "all": lambda b: grid_rows(b) + extra_rows(b)}[which](b)
+    groups = {"grid": grid_rows, "extra": extra_rows, "pages": page_rows}
+    if which == "all":
+        return grid_rows(b) + extra_rows(b)
+    return groups[which](b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +448,12 @@ def rerender(results_json: str, out_dir: Optional[str]) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", choices=("grid", "extra", "all"), default="grid")
+    p.add_argument(
+        "--rows",
+        choices=("grid", "extra", "pages", "all"),
+        default="grid",
+        help="all = grid + extra (pages: the gather-page rows, apart)",
+    )
     p.add_argument("--quick", action="store_true", help="a few representative rows (of --rows)")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, plot.png")
     p.add_argument(

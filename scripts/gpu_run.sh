@@ -164,25 +164,30 @@ if has bench; then
   done
 fi
 if has ab_build; then
-  # Two builds on the benchmark grid (changes that no environment switch can select): this tree against a
+  # Two builds on benchmark rows (changes that no environment switch can select): this tree against a
   # copy of it with the files under $AB_BASE (ignored, carried with the call; e.g. out/base holding a
-  # commit's versions of the changed sources) laid over csrc/cuda, built apart; AB_BUILD_ROUNDS interleaved
-  # rounds of bench_decode.py (--kernel ${AB_BUILD_KERNEL:-auto} --rows ${AB_BUILD_ROWS:-grid}) each.
+  # commit's versions of the changed sources) laid over csrc/cuda, built apart. AB_BUILD_SETS lists
+  # "kernel:rows" pairs (bench_decode.py --kernel / --rows; default "${AB_BUILD_KERNEL:-auto}:${AB_BUILD_ROWS:-grid}");
+  # each set runs AB_BUILD_ROUNDS interleaved rounds into $OUT/ab_build_<kernel>_<rows>/ and gets its table.
   base=/tmp/flashmla_ab_base
   rm -rf "$base" && cp -a . "$base" && cp "${AB_BASE:-out/base}"/* "$base/csrc/cuda/"
   (cd "$base" && build_ext "$OUT/ab_build_base.log")
   note "ab_build base build rc=$? $(elapsed)"
-  for round in $(seq "${AB_BUILD_ROUNDS:-2}"); do
-    for which in tree base; do
-      dir=$PWD; [ $which = base ] && dir=$base
-      (cd "$dir" && PYTHONPATH=$dir:$dir/.whl/site $PY benchmarks/bench_decode.py --kernel "${AB_BUILD_KERNEL:-auto}" \
-        --rows "${AB_BUILD_ROWS:-grid}" --out "$OUT/ab_build_${which}_$round" > "$OUT/ab_build_${which}_$round.log" 2>&1)
-      note "ab_build $which round $round rc=$? $(elapsed)"
+  for set in ${AB_BUILD_SETS:-${AB_BUILD_KERNEL:-auto}:${AB_BUILD_ROWS:-grid}}; do
+    kernel=${set%%:*}; rows=${set#*:}; sdir=$OUT/ab_build_${kernel}_$rows
+    mkdir -p "$sdir"
+    for round in $(seq "${AB_BUILD_ROUNDS:-2}"); do
+      for which in tree base; do
+        dir=$PWD; [ $which = base ] && dir=$base
+        (cd "$dir" && PYTHONPATH=$dir:$dir/.whl/site $PY benchmarks/bench_decode.py --kernel "$kernel" \
+          --rows "$rows" --out "$sdir/ab_build_${which}_$round" > "$sdir/ab_build_${which}_$round.log" 2>&1)
+        note "ab_build $set $which round $round rc=$? $(elapsed)"
+      done
     done
+    $PY scripts/ab_build_compare.py "$sdir" --json "$sdir/ab_build.json" > "$sdir/ab_build.md" 2>&1
+    note "ab_build $set compare rc=$? : $(tail -n 1 "$sdir/ab_build.md")"
+    cat "$sdir/ab_build.md"
   done
-  $PY scripts/ab_build_compare.py "$OUT" --json "$OUT/ab_build.json" > "$OUT/ab_build.md" 2>&1
-  note "ab_build compare rc=$? : $(tail -n 1 "$OUT/ab_build.md")"
-  cat "$OUT/ab_build.md"
 fi
 if has metadata; then
   # get_mla_metadata alone (benchmarks/bench_metadata.py): graph replay and kernel time.

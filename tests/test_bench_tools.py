@@ -101,6 +101,20 @@ def test_stall_summary(tmp_path):
         stall_summary.summarize(str(bad))
 
 
+def test_row_groups():
+    """bench_decode.py --rows: the 32-row grid in the anchors' order; "pages" rows are gather pages (not a
+    multiple of 64 tokens) with unique labels and no anchor, and stay out of "all" (grid + extra)."""
+    grid = bench_decode.select_rows("grid", False, 128)
+    assert len(grid) == 32 and all(r.page == 64 and r.anchor_key for r in grid)
+    pages = bench_decode.select_rows("pages", False, 128)
+    assert pages and all(r.page % 64 and r.anchor_key is None for r in pages)
+    assert len({r.label() for r in pages}) == len(pages)
+    assert {1, 2}.issubset({r.page for r in pages})
+    everything = bench_decode.select_rows("all", False, 128)
+    assert everything == grid + bench_decode.select_rows("extra", False, 128)
+    assert not set(pages) & set(everything)
+
+
 def test_env_ab_rows():
     """scripts/env_ab.py rows: 'h_q,s_q,s_k,varlen[,page]', page 64 unless given; anything else raises."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))

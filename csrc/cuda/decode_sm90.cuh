@@ -387,15 +387,27 @@ __device__ __forceinline__ void gather_issue(uint32_t dst, unsigned char* valid,
   }
   // Row r of this thread: tile row tid / 8 + 16 r, whose swizzle (row % 8) is the same for every r.
   const uint32_t row_dst = dst + swizzled(tid / 8, tid % 8);
-#pragma unroll
-  for (int slice = 0; slice < D / 64; ++slice) {
+  auto copy = [&](int r, int slice) {
+    cp_async_16(row_dst + slice * kSliceBytes + r * 16 * 128, g.src[r] + slice * 64 + (tid % 8) * 8,
+                (g.live >> r) & 1 ? 16 : 0, l2_policy);
+  };
+  if constexpr (kBars == 1) {
+    // One barrier: row by row, so that a token's D / 64 lines (one run of D * 2 bytes in k_cache) are
+    // requested back to back (on 1-token pages every row is somewhere else).
 #pragma unroll
     for (int r = 0; r < kGatherRows; ++r)
-      cp_async_16(row_dst + slice * kSliceBytes + r * 16 * 128, g.src[r] + slice * 64 + (tid % 8) * 8,
-                  (g.live >> r) & 1 ? 16 : 0, l2_policy);
-    if constexpr (kBars > 1) cp_async_arrive_noinc(stage_full + 8 * slice);
+#pragma unroll
+      for (int slice = 0; slice < D / 64; ++slice) copy(r, slice);
+    cp_async_arrive_noinc(stage_full);
+  } else {
+    // A barrier per slice (seesaw): slice by slice, each slice's copies then its barrier's arrival.
+#pragma unroll
+    for (int slice = 0; slice < D / 64; ++slice) {
+#pragma unroll
+      for (int r = 0; r < kGatherRows; ++r) copy(r, slice);
+      cp_async_arrive_noinc(stage_full + 8 * slice);
+    }
   }
-  if constexpr (kBars == 1) cp_async_arrive_noinc(stage_full);
 }
 
 // Q rows [row_base, row_base + 64) of sequence b for KV head hk -> sQ (swizzled), gathered by the 256
