@@ -2,7 +2,8 @@
 # One call on the GPU machine: install carried wheels, build, run the CUDA tests, sanitizers and the
 # benchmark; logs and results under $OUT, a short table printed last.
 #   scripts/gpu_run.sh [stage ...]   stages: ceilings build tune sched ab smoke tests aoti sanitize
-#                                    racecheck_repro profile profile_source bench ab_build metadata
+#                                    racecheck_repro profile profile_source profile_metadata bench ab_build
+#                                    metadata
 #                                    (default: build smoke tests aoti sanitize bench; a 10-minute call
 #                                    fits `build smoke tests bench`, then `build aoti sanitize`)
 # Carry .whl (wheels the GPU image lacks: expecttest) with the call. The tree copied to the GPU machine
@@ -150,6 +151,23 @@ if has profile_source; then
     note "$name rc=$?"
     head -24 "$OUT/$name.md"
   done
+fi
+if has profile_metadata; then
+  # The metadata kernel (get_mla_metadata, b=128 fixed 4096-token lengths, 16 query rows: 132 workers):
+  # its duration and warp stalls per SASS instruction (scripts/stall_summary.py), as profile_source does.
+  name=stalls_metadata_b128
+  ncu --clock-control none --kernel-name regex:build_schedule --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section SourceCounters --import-source no -o "$OUT/$name" \
+    $PY -c "import torch, flashmla_ops
+lens = torch.full((128,), 4096, dtype=torch.int32, device='cuda')
+for _ in range(4): flashmla_ops.get_mla_metadata(lens, 16, 1)
+torch.cuda.synchronize()" > "$OUT/$name.log" 2>&1 &&
+    ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.txt" 2>> "$OUT/$name.log" &&
+    ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.csv" 2>> "$OUT/$name.log" &&
+    $PY scripts/stall_summary.py "$OUT/$name.csv" > "$OUT/$name.md"
+  note "$name rc=$?"
+  grep -E "Duration|SM Frequency|Elapsed Cycles" "$OUT/$name.txt"
+  head -40 "$OUT/$name.md"
 fi
 if has bench; then
   # The Hopper kernel (auto picks it on sm_90) on every row, the portable kernel on the grid
