@@ -44,8 +44,9 @@ struct WorkerRange {
   int begin_batch, begin_token, end_batch, end_token, begin_split;
 };
 
+// ceil(seqlen / kSchedBlockN) for seqlen > 0, written so that lengths near INT_MAX do not overflow.
 FLASHMLA_HOST_DEVICE inline int sched_blocks(int seqlen) {
-  return seqlen > 0 ? (seqlen + kSchedBlockN - 1) / kSchedBlockN : 0;
+  return seqlen > 0 ? (seqlen - 1) / kSchedBlockN + 1 : 0;
 }
 
 // Fills metadata (num_sm_parts x kMetadataWidth) and num_splits (batch + 1) from the lengths, for
@@ -96,6 +97,48 @@ FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, i
       md[3] = cur_batch > 0 ? (seqlens[cur_batch - 1] > 0 ? seqlens[cur_batch - 1] : 0) : 0;
     }
   }
+}
+
+// build_schedule's result, one worker at a time, as positions on a cost line (the CUDA kernel's form: the
+// line is a prefix sum it builds in parallel, and each worker's step is a search rather than a loop over
+// its sequences). Sequence i occupies [line[i], line[i + 1]) with line[i + 1] = line[i] + sched_blocks(len_i)
+// + fixed_cost, so the line is strictly increasing; a worker at x (in sequence j, line[j] <= x) pays
+// line[j + 1] - x to finish j, so with budget W it finishes every sequence that ends at or before y = x + W.
+// With k the last boundary at or before y (line[k] <= y, j <= k <= batch): it stops at line[k] when k == batch
+// or when k > j and the budget left there, y - line[k], is at most fixed_cost (no piece taken); else it takes
+// y - fixed_cost - line[k] blocks of sequence k (at least one) and stops inside it. The last worker takes
+// everything. tests/test_cuda.py holds the CUDA kernel that walks this way to build_schedule's values.
+struct ScheduleWalk {
+  long long x = 0;  // where the next worker starts on the line
+  int j = 0;        // the sequence x lies in (batch once everything is handed out)
+  int split = 0;    // pieces of sequence j handed out before x
+};
+
+// One worker's metadata row (kMetadataWidth ints) from the walk's state, which moves on to the next worker.
+// last_boundary(j, y) must return the largest k in [j, batch] with line[k] <= y.
+template <typename LineT, typename LastBoundary>
+FLASHMLA_HOST_DEVICE inline void schedule_walk_step(const LineT* line, const int* seqlens, int batch,
+                                                    long long payload, int fixed_cost, bool last_part,
+                                                    ScheduleWalk& w, int* md, LastBoundary last_boundary) {
+  md[0] = w.j;
+  md[1] = w.j < batch ? static_cast<int>(w.x - line[w.j]) * kSchedBlockN : 0;
+  md[4] = w.split;
+  md[5] = md[6] = md[7] = 0;
+  const long long y = last_part ? static_cast<long long>(line[batch]) : w.x + payload;
+  const int k = last_boundary(w.j, y);
+  const long long line_k = line[k];
+  if (k == batch || (k > w.j && y - line_k <= fixed_cost)) {  // stops at the boundary line[k]
+    md[2] = k - 1;
+    md[3] = k > 0 ? (seqlens[k - 1] > 0 ? seqlens[k - 1] : 0) : 0;
+    w.split = 0;
+    w.x = line_k;
+  } else {  // stops inside sequence k
+    w.x = y - fixed_cost;
+    md[2] = k;
+    md[3] = static_cast<int>(w.x - line_k) * kSchedBlockN;
+    w.split = k == w.j ? w.split + 1 : 1;
+  }
+  w.j = k;
 }
 
 }  // namespace flashmla

@@ -1,10 +1,11 @@
 """Two builds on the same rows, from the ab_build stage of scripts/gpu_run.sh: per row, every round's
 time of this tree and of the base copy, and base / tree of the medians (> 1: this tree is faster).
 
-python scripts/ab_build_compare.py OUT_DIR [--json combined.json] > table.md
+python scripts/ab_build_compare.py OUT_DIR [--field us|step_us] [--json combined.json] > table.md
 
 OUT_DIR holds ab_build_tree_<round>/results.json and ab_build_base_<round>/results.json
-(benchmarks/bench_decode.py's output).
+(benchmarks/bench_decode.py's output). --field picks the time compared: `us` (the attention call
+alone, the default) or `step_us` (the whole decode step, get_mla_metadata included).
 """
 
 import argparse
@@ -15,13 +16,13 @@ import sys
 from pathlib import Path
 
 
-def load_times(path):
-    """bench_decode.py results.json -> {row label: us} for the rows that were timed."""
+def load_times(path, field="us"):
+    """bench_decode.py results.json -> {row label: time in field} for the rows that were timed."""
     rows = json.loads(Path(path).read_text())["rows"]
-    return {r["label"]: r["us"] for r in rows if r.get("us") is not None}
+    return {r["label"]: r[field] for r in rows if r.get(field) is not None}
 
 
-def rounds_of(out_dir, which):
+def rounds_of(out_dir, which, field="us"):
     """The rounds of one side, in round order."""
     dirs = [
         p
@@ -29,7 +30,7 @@ def rounds_of(out_dir, which):
         if p.is_dir() and p.name.rsplit("_", 1)[1].isdigit()
     ]
     dirs.sort(key=lambda p: int(p.name.rsplit("_", 1)[1]))
-    return [load_times(d / "results.json") for d in dirs if (d / "results.json").is_file()]
+    return [load_times(d / "results.json", field) for d in dirs if (d / "results.json").is_file()]
 
 
 def compare(tree, base):
@@ -69,9 +70,10 @@ def markdown(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
+    ap.add_argument("--field", default="us", choices=["us", "step_us"])
     ap.add_argument("--json", default=None, help="also write every round's times and the ratios here")
     args = ap.parse_args()
-    tree, base = rounds_of(args.out_dir, "tree"), rounds_of(args.out_dir, "base")
+    tree, base = rounds_of(args.out_dir, "tree", args.field), rounds_of(args.out_dir, "base", args.field)
     if not tree or not base:
         sys.exit(f"{args.out_dir}: no ab_build_tree_* / ab_build_base_* results")
     rows = compare(tree, base)

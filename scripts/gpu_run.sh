@@ -185,13 +185,15 @@ if has ab_build; then
   # Two builds on benchmark rows (changes that no environment switch can select): this tree against a
   # copy of it with the files under $AB_BASE (ignored, carried with the call; e.g. out/base holding a
   # commit's versions of the changed sources) laid over csrc/cuda, built apart. AB_BUILD_SETS lists
-  # "kernel:rows" pairs (bench_decode.py --kernel / --rows; default "${AB_BUILD_KERNEL:-auto}:${AB_BUILD_ROWS:-grid}");
-  # each set runs AB_BUILD_ROUNDS interleaved rounds into $OUT/ab_build_<kernel>_<rows>/ and gets its table.
+  # "kernel:rows" pairs (bench_decode.py --kernel / --rows; default "${AB_BUILD_KERNEL:-auto}:${AB_BUILD_ROWS:-grid}";
+  # AB_BUILD_SETS="" builds the base and runs no set, e.g. for the metadata stage);
+  # each set runs AB_BUILD_ROUNDS interleaved rounds into $OUT/ab_build_<kernel>_<rows>/ and gets two tables,
+  # attention alone (ab_build.md) and the whole step, metadata included (ab_build_step.md).
   base=/tmp/flashmla_ab_base
   rm -rf "$base" && cp -a . "$base" && cp "${AB_BASE:-out/base}"/* "$base/csrc/cuda/"
   (cd "$base" && build_ext "$OUT/ab_build_base.log")
   note "ab_build base build rc=$? $(elapsed)"
-  for set in ${AB_BUILD_SETS:-${AB_BUILD_KERNEL:-auto}:${AB_BUILD_ROWS:-grid}}; do
+  for set in ${AB_BUILD_SETS-${AB_BUILD_KERNEL:-auto}:${AB_BUILD_ROWS:-grid}}; do
     kernel=${set%%:*}; rows=${set#*:}; sdir=$OUT/ab_build_${kernel}_$rows
     mkdir -p "$sdir"
     for round in $(seq "${AB_BUILD_ROUNDS:-2}"); do
@@ -204,14 +206,24 @@ if has ab_build; then
     done
     $PY scripts/ab_build_compare.py "$sdir" --json "$sdir/ab_build.json" > "$sdir/ab_build.md" 2>&1
     note "ab_build $set compare rc=$? : $(tail -n 1 "$sdir/ab_build.md")"
+    $PY scripts/ab_build_compare.py "$sdir" --field step_us --json "$sdir/ab_build_step.json" \
+      > "$sdir/ab_build_step.md" 2>&1
+    note "ab_build $set step compare rc=$? : $(tail -n 1 "$sdir/ab_build_step.md")"
     cat "$sdir/ab_build.md"
   done
 fi
 if has metadata; then
-  # get_mla_metadata alone (benchmarks/bench_metadata.py): graph replay and kernel time.
+  # get_mla_metadata alone (benchmarks/bench_metadata.py): graph replay and kernel time; where the
+  # ab_build stage ran first, its base build too, into $OUT/metadata_base.
   $PY benchmarks/bench_metadata.py --out "$OUT/metadata" > "$OUT/metadata.log" 2>&1
   note "metadata rc=$? $(elapsed)"
   cat "$OUT/metadata/results.md" 2>/dev/null || tail -20 "$OUT/metadata.log"
+  if has ab_build; then
+    (cd /tmp/flashmla_ab_base && PYTHONPATH=$PWD:$PWD/.whl/site $PY benchmarks/bench_metadata.py \
+      --out "$OUT/metadata_base" > "$OUT/metadata_base.log" 2>&1)
+    note "metadata base rc=$? $(elapsed)"
+    cat "$OUT/metadata_base/results.md" 2>/dev/null || tail -20 "$OUT/metadata_base.log"
+  fi
 fi
 { echo "== summary =="; cat "$OUT/gpu.txt"; printf '%s\n' "${summary[@]}"; } | tee "$FINAL_OUT/summary.txt.tmp"
 mv "$FINAL_OUT/summary.txt.tmp" "$FINAL_OUT/summary.txt"

@@ -129,14 +129,15 @@ def test_env_ab_rows():
 
 def test_ab_build_compare(tmp_path):
     """scripts/ab_build_compare.py: rounds in round order (10 after 2), directories only (not the .log
-    beside them), rows every round of both sides timed, base / tree of the medians, a summary line."""
+    beside them), rows every round of both sides timed, base / tree of the medians, a summary line, and
+    --field's other time (step_us)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import ab_build_compare
 
     def write(which, rnd, times):
         d = tmp_path / f"ab_build_{which}_{rnd}"
         d.mkdir()
-        rows = [{"label": k, "us": v} for k, v in times.items()]
+        rows = [{"label": k, "us": v, "step_us": v + 30.0} for k, v in times.items()]
         (d / "results.json").write_text(json.dumps({"meta": {}, "rows": rows}))
         (tmp_path / f"ab_build_{which}_{rnd}.log").write_text("log")
 
@@ -154,3 +155,5 @@ def test_ab_build_compare(tmp_path):
     table = ab_build_compare.markdown(rows)
     assert "| a | 100.0 | 102.0 | 101.0 | 110.0 | 111.0 | 109.0 | 1.089x |" in table
     assert table.endswith("max 1.089x")
+    step = ab_build_compare.rounds_of(tmp_path, "tree", "step_us")  # the whole step's times
+    assert [r["a"] for r in step] == [130.0, 132.0, 131.0]

@@ -372,6 +372,24 @@ def test_metadata_values_do_not_depend_on_stale_state(device):
     check_schedule_invariants(md1.cpu(), sp1.cpu(), lens.tolist())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("count", [3, 200])
+def test_metadata_lengths_near_int_max(device, count):
+    """Lengths up to INT_MAX (a bad input the decode masks, docs: bad inputs) still give a schedule that
+    covers every token once: no int overflow in the block counts (csrc/schedule.h sched_blocks). 200 of
+    them cost more than 2^31 blocks in all, past what the CUDA kernel's 32-bit cost line holds, so there
+    it takes its sequential path; 3 stay on the parallel walk. CUDA gives the CPU's values."""
+    int_max = 2**31 - 1
+    pattern = [int_max, int_max - 1, 5, int_max - 63, 0, 1, 2**30, 64]
+    lens = torch.tensor([pattern[i % len(pattern)] for i in range(count)], dtype=torch.int32, device=device)
+    md, splits = flashmla_ops.get_mla_metadata(lens, 16, 1)
+    check_schedule_invariants(md.cpu(), splits.cpu(), lens.tolist())
+    if device != "cpu":
+        with num_threads(md.shape[0]):
+            md_cpu, splits_cpu = flashmla_ops.get_mla_metadata(lens.cpu(), 16, 1)
+        assert torch.equal(md.cpu(), md_cpu) and torch.equal(splits.cpu(), splits_cpu)
+
+
 @pytest.mark.parametrize(
     "rows,parts,blocks", [(16, 132, 64), (64, 132, 128), (128, 66, 64)], ids=lambda v: str(v)
 )

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -46,11 +47,18 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
   return std::max<int64_t>(1, device_facts(device).sm_count / tiles);
 }
 
-// The schedule is a sequential scan; one thread runs it, after the block has staged the lengths
-// in shared memory (one global load latency instead of one per sequence). Batches too large to
-// stage are read from global memory.
+// Two kernels build build_schedule's values (csrc/schedule.h), both one block:
+//  - schedule_walk_kernel (batch <= kWalkMaxBatch, num_sm_parts <= kWalkMaxParts): the block stages the
+//    lengths and builds the cost line by a scan; warp 0 walks the workers (schedule_walk_step), each step
+//    a 32-lane ballot over the line instead of a loop over sequences, and writes the rows; then every
+//    thread fills num_splits. The only sequential part is one short step per worker.
+//  - build_schedule_kernel (larger batches, and a cost line past INT_MAX blocks): one thread runs the
+//    sequential build_schedule over lengths staged in shared memory, or read from global memory when
+//    too many to stage.
 constexpr int kScheduleThreads = 256;
 constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
+constexpr int kWalkMaxBatch = 4096;
+constexpr int kWalkMaxParts = 1024;
 
 __global__ void __launch_bounds__(kScheduleThreads)
     build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
@@ -65,6 +73,93 @@ __global__ void __launch_bounds__(kScheduleThreads)
     build_schedule(stage ? staged : seqlens, batch, num_sm_parts, rows_per_head_k, metadata, num_splits);
 }
 
+__global__ void __launch_bounds__(kScheduleThreads)
+    schedule_walk_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
+                         int* num_splits) {
+  constexpr int kWarps = kScheduleThreads / 32;
+  __shared__ int lens[kWalkMaxBatch];
+  __shared__ int line[kWalkMaxBatch + 1];  // the cost line; held in 32 bits when its end fits
+  __shared__ int cut_seqs[kWalkMaxParts];  // begin_batch of each worker that starts inside a sequence
+  __shared__ long long warp_sums[kWarps];
+  __shared__ int num_cuts;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int fixed_cost = fixed_cost_blocks(rows_per_head_k);
+
+  // Phase 1: the line by a block-wide scan over contiguous chunks of the batch.
+  for (int i = tid; i < batch; i += kScheduleThreads) lens[i] = seqlens[i];
+  __syncthreads();
+  const int chunk = (batch + kScheduleThreads - 1) / kScheduleThreads;
+  const int first = min(tid * chunk, batch), last = min(first + chunk, batch);
+  long long own = 0;
+  for (int i = first; i < last; ++i) own += sched_blocks(lens[i]) + fixed_cost;
+  long long inclusive = own;
+  for (int d = 1; d < 32; d *= 2) {
+    const long long up = __shfl_up_sync(~0u, inclusive, d);
+    if (lane >= d) inclusive += up;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  long long before = inclusive - own, total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_sums[w] : 0;
+    total += warp_sums[w];
+  }
+  if (total > INT_MAX) {  // past 2^31 blocks (lengths near INT_MAX): the sequential schedule
+    if (tid == 0) build_schedule(lens, batch, num_sm_parts, rows_per_head_k, metadata, num_splits);
+    return;
+  }
+  if (tid == 0) line[0] = 0;
+  for (int i = first; i < last; ++i) line[i + 1] = static_cast<int>(before += sched_blocks(lens[i]) + fixed_cost);
+  __syncthreads();
+
+  // Phase 2: warp 0 walks the workers. Every lane runs each step (the ballot needs them all); lane
+  // (part % 32) keeps part's row in registers and the warp stores 32 rows at a time.
+  if (warp == 0) {
+    const long long payload = (total + num_sm_parts - 1) / num_sm_parts + fixed_cost;
+    const auto last_boundary = [&](int j, long long y) {  // the largest k in [j, batch] with line[k] <= y
+      for (int k = j;; k += 32) {
+        const int i = k + 1 + lane;
+        const unsigned below = __ballot_sync(~0u, i <= batch && line[i] <= y);  // a prefix of the lanes
+        if (below != ~0u) return k + __popc(below);
+      }
+    };
+    ScheduleWalk walk;
+    int cuts = 0, kept[kMetadataWidth];
+    for (int part = 0; part < num_sm_parts; ++part) {
+      int md[kMetadataWidth];
+      schedule_walk_step(line, lens, batch, payload, fixed_cost, part == num_sm_parts - 1, walk, md, last_boundary);
+      if (md[1] > 0) {
+        if (lane == 0) cut_seqs[cuts] = md[0];
+        ++cuts;
+      }
+      if (lane == part % 32)
+        for (int f = 0; f < kMetadataWidth; ++f) kept[f] = md[f];
+      if (part % 32 == 31 || part == num_sm_parts - 1) {
+        if (lane <= part % 32) {
+          int4* row = reinterpret_cast<int4*>(metadata + (part - part % 32 + lane) * kMetadataWidth);
+          row[0] = make_int4(kept[0], kept[1], kept[2], kept[3]);
+          row[1] = make_int4(kept[4], kept[5], kept[6], kept[7]);
+        }
+      }
+    }
+    if (lane == 0) num_cuts = cuts;
+  }
+  __syncthreads();
+
+  // Phase 3: sequence i was cut once per worker that starts inside it, so num_splits[i + 1] is i + 1
+  // plus the cuts in sequences up to i (cut_seqs is nondecreasing: workers go in batch order).
+  if (tid == 0) num_splits[0] = 0;
+  for (int i = tid; i < batch; i += kScheduleThreads) {
+    int lo = 0, hi = num_cuts;  // the first cut in a sequence after i
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (cut_seqs[mid] <= i) lo = mid + 1;
+      else hi = mid;
+    }
+    num_splits[i + 1] = i + 1 + lo;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache_seqlens, int64_t num_heads_per_head_k,
                                                          int64_t num_heads_k) {
   check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k);
@@ -74,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
   auto lens = cache_seqlens.contiguous();
   auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
   auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
-  build_schedule_kernel<<<1, kScheduleThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const bool walk = batch <= kWalkMaxBatch && parts <= kWalkMaxParts;
+  (walk ? schedule_walk_kernel : build_schedule_kernel)<<<1, kScheduleThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       lens.data_ptr<int>(), int(batch), int(parts), num_heads_per_head_k, metadata.data_ptr<int>(),
       num_splits.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
