@@ -156,7 +156,7 @@ if has profile_metadata; then
   # The metadata kernel (get_mla_metadata, b=128 fixed 4096-token lengths, 16 query rows: 132 workers):
   # its duration and warp stalls per SASS instruction (scripts/stall_summary.py), as profile_source does.
   name=stalls_metadata_b128
-  ncu --clock-control none --kernel-name regex:build_schedule --launch-skip 2 --launch-count 1 \
+  ncu --clock-control none --kernel-name regex:schedule --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section SourceCounters --import-source no -o "$OUT/$name" \
     $PY -c "import torch, flashmla_ops
 lens = torch.full((128,), 4096, dtype=torch.int32, device='cuda')
