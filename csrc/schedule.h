@@ -107,26 +107,30 @@ FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, i
 // With k the last boundary at or before y (line[k] <= y, j <= k <= batch): it stops at line[k] when k == batch
 // or when k > j and the budget left there, y - line[k], is at most fixed_cost (no piece taken); else it takes
 // y - fixed_cost - line[k] blocks of sequence k (at least one) and stops inside it. The last worker takes
-// everything. tests/test_cuda.py holds the CUDA kernel that walks this way to build_schedule's values.
+// everything. Pos holds line positions (the CUDA kernel uses int where the line's end fits twice in one).
+template <typename Pos>
 struct ScheduleWalk {
-  long long x = 0;  // where the next worker starts on the line
-  int j = 0;        // the sequence x lies in (batch once everything is handed out)
-  int split = 0;    // pieces of sequence j handed out before x
+  Pos x = 0;       // where the next worker starts on the line
+  Pos line_j = 0;  // line[j]
+  int j = 0;       // the sequence x lies in (batch once everything is handed out)
+  int split = 0;   // pieces of sequence j handed out before x
 };
 
 // One worker's metadata row (kMetadataWidth ints) from the walk's state, which moves on to the next worker.
-// last_boundary(j, y) must return the largest k in [j, batch] with line[k] <= y.
-template <typename LineT, typename LastBoundary>
-FLASHMLA_HOST_DEVICE inline void schedule_walk_step(const LineT* line, const int* seqlens, int batch,
-                                                    long long payload, int fixed_cost, bool last_part,
-                                                    ScheduleWalk& w, int* md, LastBoundary last_boundary) {
+// line_end = line[batch]; last_boundary(y, line_k) returns the largest k in [0, batch] with line[k] <= y and
+// sets line_k = line[k] (k >= j follows from line[j] <= x <= y).
+template <typename Pos, typename LastBoundary>
+FLASHMLA_HOST_DEVICE inline void schedule_walk_step(const int* seqlens, int batch, Pos line_end, Pos payload,
+                                                    int fixed_cost, bool last_part, ScheduleWalk<Pos>& w, int* md,
+                                                    LastBoundary last_boundary) {
   md[0] = w.j;
-  md[1] = w.j < batch ? static_cast<int>(w.x - line[w.j]) * kSchedBlockN : 0;
+  md[1] = w.j < batch ? static_cast<int>(w.x - w.line_j) * kSchedBlockN : 0;
   md[4] = w.split;
   md[5] = md[6] = md[7] = 0;
-  const long long y = last_part ? static_cast<long long>(line[batch]) : w.x + payload;
-  const int k = last_boundary(w.j, y);
-  const long long line_k = line[k];
+  // min(x + payload, line_end) without overflow; past line_end the result is the same (k == batch).
+  const Pos y = last_part ? line_end : w.x + (payload < line_end - w.x ? payload : line_end - w.x);
+  Pos line_k;
+  const int k = last_boundary(y, line_k);
   if (k == batch || (k > w.j && y - line_k <= fixed_cost)) {  // stops at the boundary line[k]
     md[2] = k - 1;
     md[3] = k > 0 ? (seqlens[k - 1] > 0 ? seqlens[k - 1] : 0) : 0;
@@ -139,6 +143,7 @@ FLASHMLA_HOST_DEVICE inline void schedule_walk_step(const LineT* line, const int
     w.split = k == w.j ? w.split + 1 : 1;
   }
   w.j = k;
+  w.line_j = line_k;
 }
 
 }  // namespace flashmla

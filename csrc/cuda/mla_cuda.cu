@@ -50,9 +50,9 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
 // Two kernels build build_schedule's values (csrc/schedule.h), both one block:
 //  - schedule_walk_kernel (batch <= kWalkMaxBatch, num_sm_parts <= kWalkMaxParts): the block stages the
 //    lengths and builds the cost line by a scan; warp 0 walks the workers (schedule_walk_step), each step
-//    a 32-lane ballot over the line instead of a loop over sequences, and writes the rows; then every
-//    thread fills num_splits. The only sequential part is one short step per worker.
-//  - build_schedule_kernel (larger batches, and a cost line past INT_MAX blocks): one thread runs the
+//    a 32-lane ballot over a window of the line in registers instead of a loop over sequences, and writes
+//    the rows; then every thread fills num_splits. The only sequential part is one short step per worker.
+//  - build_schedule_kernel (larger batches, and a cost line past INT_MAX / 2 blocks): one thread runs the
 //    sequential build_schedule over lengths staged in shared memory, or read from global memory when
 //    too many to stage.
 constexpr int kScheduleThreads = 256;
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kScheduleThreads)
     before += w < warp ? warp_sums[w] : 0;
     total += warp_sums[w];
   }
-  if (total > INT_MAX) {  // past 2^31 blocks (lengths near INT_MAX): the sequential schedule
+  if (total > INT_MAX / 2) {  // lengths near INT_MAX: positions past 32 bits, the sequential schedule
     if (tid == 0) build_schedule(lens, batch, num_sm_parts, rows_per_head_k, metadata, num_splits);
     return;
   }
@@ -112,22 +112,33 @@ __global__ void __launch_bounds__(kScheduleThreads)
   for (int i = first; i < last; ++i) line[i + 1] = static_cast<int>(before += sched_blocks(lens[i]) + fixed_cost);
   __syncthreads();
 
-  // Phase 2: warp 0 walks the workers. Every lane runs each step (the ballot needs them all); lane
-  // (part % 32) keeps part's row in registers and the warp stores 32 rows at a time.
+  // Phase 2: warp 0 walks the workers, every lane running each step. The line is read through a window in
+  // registers, lane l holding line[base + 1 + l] (INT_MAX past the end), which slides forward only: the
+  // boundary search is a ballot, line[k] a shuffle, and a step's critical path holds no memory access
+  // unless the window moves. Lane (part % 32) keeps part's row and the warp stores 32 rows at a time.
   if (warp == 0) {
-    const long long payload = (total + num_sm_parts - 1) / num_sm_parts + fixed_cost;
-    const auto last_boundary = [&](int j, long long y) {  // the largest k in [j, batch] with line[k] <= y
-      for (int k = j;; k += 32) {
-        const int i = k + 1 + lane;
-        const unsigned below = __ballot_sync(~0u, i <= batch && line[i] <= y);  // a prefix of the lanes
-        if (below != ~0u) return k + __popc(below);
+    const int line_end = static_cast<int>(total);
+    const int payload = static_cast<int>((total + num_sm_parts - 1) / num_sm_parts + fixed_cost);
+    int base = 0, line_base = 0;  // line_base = line[base]
+    int win = lane + 1 <= batch ? line[lane + 1] : INT_MAX;
+    const auto last_boundary = [&](int y, int& line_k) {
+      unsigned below;  // the lanes with line[base + 1 + lane] <= y, a prefix of them (the line increases)
+      while ((below = __ballot_sync(~0u, win <= y)) == ~0u) {
+        line_base = __shfl_sync(~0u, win, 31);
+        base += 32;
+        win = base + 1 + lane <= batch ? line[base + 1 + lane] : INT_MAX;
       }
+      const int k = base + __popc(below);
+      const int in_window = __shfl_sync(~0u, win, max(k - base - 1, 0));
+      line_k = k == base ? line_base : in_window;
+      return k;
     };
-    ScheduleWalk walk;
+    ScheduleWalk<int> walk;
     int cuts = 0, kept[kMetadataWidth];
     for (int part = 0; part < num_sm_parts; ++part) {
       int md[kMetadataWidth];
-      schedule_walk_step(line, lens, batch, payload, fixed_cost, part == num_sm_parts - 1, walk, md, last_boundary);
+      schedule_walk_step(lens, batch, line_end, payload, fixed_cost, part == num_sm_parts - 1, walk, md,
+                         last_boundary);
       if (md[1] > 0) {
         if (lane == 0) cut_seqs[cuts] = md[0];
         ++cuts;
