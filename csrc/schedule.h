@@ -116,34 +116,39 @@ struct ScheduleWalk {
   int split = 0;   // pieces of sequence j handed out before x
 };
 
-// One worker's metadata row (kMetadataWidth ints) from the walk's state, which moves on to the next worker.
-// line_end = line[batch]; last_boundary(y, line_k) returns the largest k in [0, batch] with line[k] <= y and
-// sets line_k = line[k] (k >= j follows from line[j] <= x <= y).
+// Moves the walk past one worker. line_end = line[batch]; last_boundary(y, line_k) returns the largest k in
+// [0, batch] with line[k] <= y and sets line_k = line[k] (k >= j follows from line[j] <= x <= y). A worker that
+// stops at a boundary leaves split == 0; one that stops inside a sequence leaves split >= 1.
 template <typename Pos, typename LastBoundary>
-FLASHMLA_HOST_DEVICE inline void schedule_walk_step(const int* seqlens, int batch, Pos line_end, Pos payload,
-                                                    int fixed_cost, bool last_part, ScheduleWalk<Pos>& w, int* md,
-                                                    LastBoundary last_boundary) {
-  md[0] = w.j;
-  md[1] = w.j < batch ? static_cast<int>(w.x - w.line_j) * kSchedBlockN : 0;
-  md[4] = w.split;
-  md[5] = md[6] = md[7] = 0;
+FLASHMLA_HOST_DEVICE inline void schedule_walk_advance(int batch, Pos line_end, Pos payload, int fixed_cost,
+                                                       bool last_part, ScheduleWalk<Pos>& w,
+                                                       LastBoundary last_boundary) {
   // min(x + payload, line_end) without overflow; past line_end the result is the same (k == batch).
   const Pos y = last_part ? line_end : w.x + (payload < line_end - w.x ? payload : line_end - w.x);
   Pos line_k;
   const int k = last_boundary(y, line_k);
-  if (k == batch || (k > w.j && y - line_k <= fixed_cost)) {  // stops at the boundary line[k]
-    md[2] = k - 1;
-    md[3] = k > 0 ? (seqlens[k - 1] > 0 ? seqlens[k - 1] : 0) : 0;
-    w.split = 0;
-    w.x = line_k;
-  } else {  // stops inside sequence k
-    w.x = y - fixed_cost;
-    md[2] = k;
-    md[3] = static_cast<int>(w.x - line_k) * kSchedBlockN;
-    w.split = k == w.j ? w.split + 1 : 1;
-  }
+  const bool at_boundary = k == batch || (k > w.j && y - line_k <= fixed_cost);
+  w.x = at_boundary ? line_k : y - fixed_cost;
+  w.split = at_boundary ? 0 : (k == w.j ? w.split + 1 : 1);
   w.j = k;
   w.line_j = line_k;
+}
+
+// The metadata row (kMetadataWidth ints) of the worker that the walk took from state `from` to state `to`.
+template <typename Pos>
+FLASHMLA_HOST_DEVICE inline void schedule_row(const ScheduleWalk<Pos>& from, const ScheduleWalk<Pos>& to,
+                                              const int* seqlens, int batch, int* md) {
+  md[0] = from.j;
+  md[1] = from.j < batch ? static_cast<int>(from.x - from.line_j) * kSchedBlockN : 0;
+  md[4] = from.split;
+  md[5] = md[6] = md[7] = 0;
+  if (to.split == 0) {  // stopped at the boundary line[to.j]
+    md[2] = to.j - 1;
+    md[3] = to.j > 0 ? (seqlens[to.j - 1] > 0 ? seqlens[to.j - 1] : 0) : 0;
+  } else {  // stopped inside sequence to.j
+    md[2] = to.j;
+    md[3] = static_cast<int>(to.x - to.line_j) * kSchedBlockN;
+  }
 }
 
 }  // namespace flashmla

@@ -49,9 +49,9 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
 
 // Two kernels build build_schedule's values (csrc/schedule.h), both one block:
 //  - schedule_walk_kernel (batch <= kWalkMaxBatch, num_sm_parts <= kWalkMaxParts): the block stages the
-//    lengths and builds the cost line by a scan; warp 0 walks the workers (schedule_walk_step), each step
-//    a 32-lane ballot over a window of the line in registers instead of a loop over sequences, and writes
-//    the rows; then every thread fills num_splits. The only sequential part is one short step per worker.
+//    lengths and builds the cost line by a scan; warp 0 walks the workers (schedule_walk_advance), each step
+//    a 32-lane ballot over a window of the line in registers instead of a loop over sequences; then every
+//    thread builds rows (schedule_row) and num_splits. The only sequential part is one short step per worker.
 //  - build_schedule_kernel (larger batches, and a cost line past INT_MAX / 2 blocks): one thread runs the
 //    sequential build_schedule over lengths staged in shared memory, or read from global memory when
 //    too many to stage.
@@ -59,6 +59,7 @@ constexpr int kScheduleThreads = 256;
 constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
 constexpr int kWalkMaxBatch = 4096;
 constexpr int kWalkMaxParts = 1024;
+static_assert(kWalkMaxBatch < (1 << 16) && kWalkMaxParts < (1 << 15), "the walk packs j | split << 16");
 
 __global__ void __launch_bounds__(kScheduleThreads)
     build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
@@ -79,9 +80,10 @@ __global__ void __launch_bounds__(kScheduleThreads)
   constexpr int kWarps = kScheduleThreads / 32;
   __shared__ int lens[kWalkMaxBatch];
   __shared__ int line[kWalkMaxBatch + 1];  // the cost line; held in 32 bits when its end fits
-  __shared__ int cut_seqs[kWalkMaxParts];  // begin_batch of each worker that starts inside a sequence
+  // The walk's state before worker p (p = num_sm_parts: after the last): x, j | split << 16, and how many
+  // of the states 1..p lie inside a sequence (split > 0).
+  __shared__ int state_x[kWalkMaxParts + 1], state_js[kWalkMaxParts + 1], state_cuts[kWalkMaxParts + 1];
   __shared__ long long warp_sums[kWarps];
-  __shared__ int num_cuts;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int fixed_cost = fixed_cost_blocks(rows_per_head_k);
 
@@ -112,10 +114,11 @@ __global__ void __launch_bounds__(kScheduleThreads)
   for (int i = first; i < last; ++i) line[i + 1] = static_cast<int>(before += sched_blocks(lens[i]) + fixed_cost);
   __syncthreads();
 
-  // Phase 2: warp 0 walks the workers, every lane running each step. The line is read through a window in
-  // registers, lane l holding line[base + 1 + l] (INT_MAX past the end), which slides forward only: the
-  // boundary search is a ballot, line[k] a shuffle, and a step's critical path holds no memory access
-  // unless the window moves. Lane (part % 32) keeps part's row and the warp stores 32 rows at a time.
+  // Phase 2: warp 0 walks the workers, every lane running each step, and records each worker's end state;
+  // the rows are built from those in phase 3, so a step holds only what the next one depends on. The line
+  // is read through a window in registers, lane l holding line[base + 1 + l] (INT_MAX past the end), which
+  // slides forward only: the boundary search is a ballot and line[k] a shuffle, with no memory access on a
+  // step's critical path unless the window moves.
   if (warp == 0) {
     const int line_end = static_cast<int>(total);
     const int payload = static_cast<int>((total + num_sm_parts - 1) / num_sm_parts + fixed_cost);
@@ -134,40 +137,52 @@ __global__ void __launch_bounds__(kScheduleThreads)
       return k;
     };
     ScheduleWalk<int> walk;
-    int cuts = 0, kept[kMetadataWidth];
+    int cuts = 0, kept_x = 0, kept_js = 0, kept_cuts = 0;  // lane (part % 32)'s copy of the state after part
+    if (lane == 0) state_x[0] = state_js[0] = state_cuts[0] = 0;
     for (int part = 0; part < num_sm_parts; ++part) {
-      int md[kMetadataWidth];
-      schedule_walk_step(lens, batch, line_end, payload, fixed_cost, part == num_sm_parts - 1, walk, md,
-                         last_boundary);
-      if (md[1] > 0) {
-        if (lane == 0) cut_seqs[cuts] = md[0];
-        ++cuts;
+      schedule_walk_advance(batch, line_end, payload, fixed_cost, part == num_sm_parts - 1, walk, last_boundary);
+      cuts += walk.split > 0;  // worker part + 1 starts inside sequence walk.j
+      if (lane == part % 32) {
+        kept_x = walk.x;
+        kept_js = walk.j | walk.split << 16;
+        kept_cuts = cuts;
       }
-      if (lane == part % 32)
-        for (int f = 0; f < kMetadataWidth; ++f) kept[f] = md[f];
-      if (part % 32 == 31 || part == num_sm_parts - 1) {
-        if (lane <= part % 32) {
-          int4* row = reinterpret_cast<int4*>(metadata + (part - part % 32 + lane) * kMetadataWidth);
-          row[0] = make_int4(kept[0], kept[1], kept[2], kept[3]);
-          row[1] = make_int4(kept[4], kept[5], kept[6], kept[7]);
-        }
+      if ((part % 32 == 31 || part == num_sm_parts - 1) && lane <= part % 32) {
+        const int after = part - part % 32 + lane + 1;
+        state_x[after] = kept_x;
+        state_js[after] = kept_js;
+        state_cuts[after] = kept_cuts;
       }
     }
-    if (lane == 0) num_cuts = cuts;
   }
   __syncthreads();
 
-  // Phase 3: sequence i was cut once per worker that starts inside it, so num_splits[i + 1] is i + 1
-  // plus the cuts in sequences up to i (cut_seqs is nondecreasing: workers go in batch order).
+  // Phase 3: the rows, and num_splits: sequence i was cut once per worker that starts inside it, so
+  // num_splits[i + 1] is i + 1 plus the cuts up to the last state in a sequence <= i (j never decreases).
+  const auto state = [&](int p) {
+    ScheduleWalk<int> w;
+    w.x = state_x[p];
+    w.j = state_js[p] & 0xffff;
+    w.split = state_js[p] >> 16;
+    w.line_j = line[w.j];
+    return w;
+  };
+  for (int part = tid; part < num_sm_parts; part += kScheduleThreads) {
+    int md[kMetadataWidth];
+    schedule_row(state(part), state(part + 1), lens, batch, md);
+    int4* row = reinterpret_cast<int4*>(metadata + part * kMetadataWidth);
+    row[0] = make_int4(md[0], md[1], md[2], md[3]);
+    row[1] = make_int4(md[4], md[5], md[6], md[7]);
+  }
   if (tid == 0) num_splits[0] = 0;
   for (int i = tid; i < batch; i += kScheduleThreads) {
-    int lo = 0, hi = num_cuts;  // the first cut in a sequence after i
+    int lo = 0, hi = num_sm_parts;  // the last state p in [0, num_sm_parts] with j_p <= i (state 0 has j = 0)
     while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (cut_seqs[mid] <= i) lo = mid + 1;
-      else hi = mid;
+      const int mid = (lo + hi + 1) / 2;
+      if ((state_js[mid] & 0xffff) <= i) lo = mid;
+      else hi = mid - 1;
     }
-    num_splits[i + 1] = i + 1 + lo;
+    num_splits[i + 1] = i + 1 + state_cuts[lo];
   }
 }
 
