@@ -377,8 +377,8 @@ def test_metadata_values_do_not_depend_on_stale_state(device):
 def test_metadata_lengths_near_int_max(device, count):
     """Lengths up to INT_MAX (a bad input the decode masks, docs: bad inputs) still give a schedule that
     covers every token once: no int overflow in the block counts (csrc/schedule.h sched_blocks). 200 of
-    them cost more than 2^31 blocks in all, past what the CUDA kernel's 32-bit cost line holds, so there
-    it takes its sequential path; 3 stay on the parallel walk. CUDA gives the CPU's values."""
+    them cost more than 2^31 blocks in all, past the INT_MAX / 2 that the CUDA walk's 32-bit positions
+    allow, so there it takes its sequential path; 3 stay on the walk. CUDA gives the CPU's values."""
     int_max = 2**31 - 1
     pattern = [int_max, int_max - 1, 5, int_max - 63, 0, 1, 2**30, 64]
     lens = torch.tensor([pattern[i % len(pattern)] for i in range(count)], dtype=torch.int32, device=device)
