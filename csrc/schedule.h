@@ -108,6 +108,7 @@ FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, i
 // or when k > j and the budget left there, y - line[k], is at most fixed_cost (no piece taken); else it takes
 // y - fixed_cost - line[k] blocks of sequence k (at least one) and stops inside it. The last worker takes
 // everything. Pos holds line positions (the CUDA kernel uses int where the line's end fits twice in one).
+// tests/test_schedule_walk.py runs the walk against build_schedule on the host (random inputs, both Pos).
 template <typename Pos>
 struct ScheduleWalk {
   Pos x = 0;       // where the next worker starts on the line
