@@ -183,9 +183,9 @@ def test_cuda_metadata_matches_schedule(num_heads_per_head_k, num_heads_k):
 def test_cuda_metadata_equals_cpu_schedule(lengths_kind, batch, num_heads_per_head_k, num_heads_k):
     """The CUDA metadata kernel must give build_schedule's values exactly (csrc/schedule.h), here the
     CPU's for the same worker count: random lengths (empty, short, up to 72000 tokens) and equal ones
-    (the grid's fixed rows), 1 to 132 workers, 1 to 4097 sequences. Written for the parallel form of the
-    schedule tried in the twelfth session (docs/KERNEL_NOTES.md, "Metadata"); it holds any rewrite of
-    the kernel to build_schedule's values."""
+    (the grid's fixed rows), 1 to 132 workers, 1 to 4097 sequences: up to 4096 the walk kernel runs
+    (mla_cuda.cu schedule_walk_kernel; its register window slides 128 times at 4096), at 4097 the
+    sequential one. It holds any rewrite of the kernel to build_schedule's values."""
     gen = torch.Generator().manual_seed(seed_for("cuda-metadata", lengths_kind, batch, num_heads_per_head_k))
     if lengths_kind == "equal":
         lens = torch.full((batch,), 64 * int(torch.randint(1, 128, (1,), generator=gen)), dtype=torch.int32)
