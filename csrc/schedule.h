@@ -49,6 +49,12 @@ FLASHMLA_HOST_DEVICE inline int sched_blocks(int seqlen) {
   return seqlen > 0 ? (seqlen - 1) / kSchedBlockN + 1 : 0;
 }
 
+// Each worker's budget: an equal share of the total cost plus one fixed cost, FlashMLA's rule (build_schedule
+// and the walk below both take it from here).
+FLASHMLA_HOST_DEVICE inline long long schedule_payload(long long total_cost, int num_sm_parts, int fixed_cost) {
+  return (total_cost + num_sm_parts - 1) / num_sm_parts + fixed_cost;
+}
+
 // Fills metadata (num_sm_parts x kMetadataWidth) and num_splits (batch + 1) from the lengths, for
 // rows_per_head_k query rows per KV head (get_mla_metadata's num_heads_per_head_k).
 // Runs sequentially: on the host for CPU tensors, in one CUDA thread for device tensors.
@@ -57,7 +63,7 @@ FLASHMLA_HOST_DEVICE inline void build_schedule(const int* seqlens, int batch, i
   const int fixed_cost = fixed_cost_blocks(rows_per_head_k);
   long long total_cost = 0;
   for (int i = 0; i < batch; ++i) total_cost += sched_blocks(seqlens[i]) + fixed_cost;
-  const long long payload = (total_cost + num_sm_parts - 1) / num_sm_parts + fixed_cost;
+  const long long payload = schedule_payload(total_cost, num_sm_parts, fixed_cost);
 
   int cur_batch = 0, cur_block = 0, cur_split = 0, cum_splits = 0;
   num_splits[0] = 0;

@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kScheduleThreads)
   // step's critical path unless the window moves.
   if (warp == 0) {
     const int line_end = static_cast<int>(total);
-    const int payload = static_cast<int>((total + num_sm_parts - 1) / num_sm_parts + fixed_cost);
+    const int payload = static_cast<int>(schedule_payload(total, num_sm_parts, fixed_cost));
     int base = 0, line_base = 0;  // line_base = line[base]
     int win = lane + 1 <= batch ? line[lane + 1] : INT_MAX;
     const auto last_boundary = [&](int y, int& line_k) {
@@ -159,10 +159,11 @@ __global__ void __launch_bounds__(kScheduleThreads)
 
   // Phase 3: the rows, and num_splits: sequence i was cut once per worker that starts inside it, so
   // num_splits[i + 1] is i + 1 plus the cuts up to the last state in a sequence <= i (j never decreases).
+  const auto j_of = [&](int p) { return state_js[p] & 0xffff; };
   const auto state = [&](int p) {
     ScheduleWalk<int> w;
     w.x = state_x[p];
-    w.j = state_js[p] & 0xffff;
+    w.j = j_of(p);
     w.split = state_js[p] >> 16;
     w.line_j = line[w.j];
     return w;
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kScheduleThreads)
     int lo = 0, hi = num_sm_parts;  // the last state p in [0, num_sm_parts] with j_p <= i (state 0 has j = 0)
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if ((state_js[mid] & 0xffff) <= i) lo = mid;
+      if (j_of(mid) <= i) lo = mid;
       else hi = mid - 1;
     }
     num_splits[i + 1] = i + 1 + state_cuts[lo];

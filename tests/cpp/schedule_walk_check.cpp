@@ -20,7 +20,7 @@ static std::vector<int> walk_rows(const std::vector<int>& lens, int parts, long 
   std::vector<Pos> line(batch + 1, 0);
   for (int i = 0; i < batch; ++i) line[i + 1] = line[i] + sched_blocks(lens[i]) + fixed;
   const long long total = line[batch];
-  const Pos payload = static_cast<Pos>((total + parts - 1) / parts + fixed);
+  const Pos payload = static_cast<Pos>(schedule_payload(total, parts, fixed));
   const auto last_boundary = [&](Pos y, Pos& line_k) {
     const int k = static_cast<int>(std::upper_bound(line.begin(), line.end(), y) - line.begin()) - 1;
     line_k = line[k];
