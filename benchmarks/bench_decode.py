@@ -4,7 +4,8 @@
 Grid (DESIGN §6): b=128, d=576, dv=512, h_kv=1, causal, page 64, bf16;
 s_k {4096, 8192} x h_q {16, 32, 64, 128} x s_q {1, 2} x {fixed, varlen}: 32 rows.
 Extra rows: page sizes 16 and 128, and s_q 4 and 8 (no anchors for them). Page rows (--rows pages, not in
-"all"): 1-, 2-, 16- and 48-token pages at 16, 64 and 128 query rows.
+"all"): 1-, 2-, 16- and 48-token pages at 16, 64 and 128 query rows. Query-row rows (--rows qrows, not in
+"all"): 16 to 256 query rows per KV head, each row's time against the 64-row row's (issue 4: no cliff past 64).
 
 Each row: random inputs (benchmarks/common.py: random bf16, random page permutation, NaN past each
 sequence's end; varlen lengths by FlashMLA's rule, reseeded per row), the decode step
@@ -54,7 +55,7 @@ class Row:
     varlen: bool
     page: int = 64
     b: int = 128
-    group: str = "grid"  # grid | extra | pages
+    group: str = "grid"  # grid | extra | pages | qrows
 
     @property
     def anchor_key(self):
@@ -90,6 +91,18 @@ def page_rows(b: int = 128) -> List[Row]:
     return [Row(4096, h_q, 1, False, page, b, "pages") for page in (1, 2, 16, 48) for h_q in (16, 64, 128)]
 
 
+# (h_q, s_q) pairs of the "qrows" group: 16 to 256 query rows per KV head, with the counts between the grid's
+# powers of two (48, 80, 96, 160, 192; 96 and 192 both as more heads and as more query tokens).
+QUERY_ROW_PAIRS = ((16, 1), (32, 1), (48, 1), (64, 1), (80, 1), (96, 1), (32, 3), (128, 1), (160, 1), (192, 1),
+                   (64, 3), (128, 2))
+
+
+def query_row_rows(b: int = 128) -> List[Row]:
+    """Issue 4's "no cliff past 64 query rows": s_k=4096 fixed, page 64, over QUERY_ROW_PAIRS (no anchors);
+    the table beside the main one (query_rows_markdown) sets each row's time against the 64-row row's."""
+    return [Row(4096, h_q, s_q, False, 64, b, "qrows") for h_q, s_q in QUERY_ROW_PAIRS]
+
+
 def quick_rows(b: int = 128) -> List[Row]:
     return [
         Row(4096, 16, 1, False, b=b),
@@ -105,7 +118,7 @@ def select_rows(which: str, quick: bool, b: int) -> List[Row]:
     if quick:
         rows = quick_rows(b)
         return [r for r in rows if which == "all" or r.group == which]
-    groups = {"grid": grid_rows, "extra": extra_rows, "pages": page_rows}
+    groups = {"grid": grid_rows, "extra": extra_rows, "pages": page_rows, "qrows": query_row_rows}
     if which == "all":
         return grid_rows(b) + extra_rows(b)
     return groups[which](b)
@@ -334,7 +347,37 @@ def markdown(meta: Dict, records: List[Dict]) -> str:
         f"Geometric mean FlashMLA/ours over anchored rows: {_f(s['geomean_vs_flashmla'], '{:.3f}x')} "
         f"(min {_f(s['min_vs_flashmla'], '{:.3f}x')}); Triton/ours: {_f(s['geomean_vs_triton4'], '{:.2f}x')}.",
     ]
+    lines += query_rows_markdown(records)
     return "\n".join(lines) + "\n"
+
+
+def query_rows_markdown(records: List[Dict]) -> List[str]:
+    """For the "qrows" rows: time against the 64-row row's, beside the rows' ratio (a cliff is a time ratio
+    above the rows' ratio: more than proportional). Empty when those rows or the 64-row one have no time."""
+    rows = sorted(
+        (r for r in records if r.get("group") == "qrows" and r.get("us") is not None),
+        key=lambda r: (r["h_q"] * r["s_q"], r["s_q"]),
+    )
+    base = next((r for r in rows if r["h_q"] * r["s_q"] == 64), None)
+    if base is None:
+        return []
+    lines = [
+        "",
+        f"Query rows per KV head (h_q*s_q; s_k=4096 fixed, page 64): time against the 64-row row's "
+        f"({base['us']:.1f} us). In proportion: the time ratio is at most the rows' ratio.",
+        "",
+        "| rows | h_q | s_q | us | TFLOP/s | GB/s | us / us(64) | rows / 64 | in proportion |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        n = r["h_q"] * r["s_q"]
+        t_ratio, n_ratio = r["us"] / base["us"], n / 64
+        verdict = "—" if n <= 64 else ("yes" if t_ratio <= n_ratio else "**no**")
+        lines.append(
+            f"| {n} | {r['h_q']} | {r['s_q']} | {r['us']:.1f} | {r['tflops']:.0f} | {r['gbs']:.0f} "
+            f"| {t_ratio:.2f} | {n_ratio:.2f} | {verdict} |"
+        )
+    return lines
 
 
 def summarize(records: List[Dict]) -> Dict:
@@ -450,9 +493,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--rows",
-        choices=("grid", "extra", "pages", "all"),
+        choices=("grid", "extra", "pages", "qrows", "all"),
         default="grid",
-        help="all = grid + extra (pages: the gather-page rows, apart)",
+        help="all = grid + extra (pages: the gather-page rows, and qrows: 16-256 query rows per KV head, apart)",
     )
     p.add_argument("--quick", action="store_true", help="a few representative rows (of --rows)")
     p.add_argument("--out", default=None, help="directory for results.json, results.md, plot.png")

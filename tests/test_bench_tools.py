@@ -115,6 +115,28 @@ def test_row_groups():
     assert not set(pages) & set(everything)
 
 
+def test_query_row_rows_and_their_table():
+    """--rows qrows: 16-256 query rows per KV head (96 and 192 two ways), unique labels, not in "all" (the
+    grid's shapes among them keep their anchors); the table beside the main one sets each time against the 64-row row's and calls a time ratio above
+    the rows' ratio a cliff ("no")."""
+    rows = bench_decode.select_rows("qrows", False, 128)
+    counts = sorted(r.h_q * r.s_q for r in rows)
+    assert counts[0] == 16 and counts[-1] == 256 and counts.count(96) == 2 and counts.count(192) == 2
+    assert len({r.label() for r in rows}) == len(rows)
+    everything = bench_decode.select_rows("all", False, 128)
+    assert not set(rows) & set(everything)
+    ceil = common.ceilings_for("NVIDIA H200")
+    records = [bench_decode.dry_row(r, {"flashmla": {}, "triton": {}}, ceil) for r in rows]
+    by_rows = {(r["h_q"], r["s_q"]): r for r in records}
+    by_rows[(64, 1)]["us"] = 100.0
+    by_rows[(96, 1)]["us"] = 140.0  # 1.40 <= 1.50: in proportion
+    by_rows[(32, 3)]["us"] = 160.0  # 1.60 > 1.50: a cliff
+    table = "\n".join(bench_decode.query_rows_markdown(records))
+    assert "| 96 | 96 | 1 | 140.0 |" in table and "| 1.40 | 1.50 | yes |" in table
+    assert "| 96 | 32 | 3 | 160.0 |" in table and "| 1.60 | 1.50 | **no** |" in table
+    assert bench_decode.query_rows_markdown([r for r in records if r["h_q"] * r["s_q"] != 64]) == []
+
+
 def test_env_ab_rows():
     """scripts/env_ab.py rows: 'h_q,s_q,s_k,varlen[,page]', page 64 unless given; anything else raises."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
