@@ -2,7 +2,7 @@
 """GPU benchmark of get_mla_metadata alone: the schedule kernel a decode step runs once (shared by
 every layer) before the attention.
 
-Rows: batch {1, 32, 128, 512, 4096} x query rows per KV head {16, 128} (132 / 66 workers on an H100 or
+Rows: batch {1, 32, 128, 512, 4096, 16384} x query rows per KV head {16, 128} (132 / 66 workers on an H100 or
 H200) x lengths {fixed 4096, varlen by FlashMLA's rule (benchmarks/common.py)}. Each row times
 get_mla_metadata two ways: CUDA-graph replay (median of --iters per-replay CUDA-event times: what a
 captured decode step pays, launch included) and the kernel alone (torch.profiler, mean over 20 eager
@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     rows = []
-    for batch in (1, 32, 128, 512, 4096):
+    for batch in (1, 32, 128, 512, 4096, 16384):
         for rows_per_head_k in (16, 128):
             for varlen in (False, True):
                 lens = torch.tensor(C.make_seqlens(batch, 4096, 1, varlen), dtype=torch.int32, device="cuda")

@@ -176,16 +176,17 @@ def test_cuda_metadata_matches_schedule(num_heads_per_head_k, num_heads_k):
 
 
 @pytest.mark.parametrize("lengths_kind", ["random", "equal"])
-@pytest.mark.parametrize("batch", [1, 2, 7, 128, 300, 4096, 4097])
+@pytest.mark.parametrize("batch", [1, 2, 7, 128, 300, 4096, 4097, 20000, 40000])
 @pytest.mark.parametrize(
     "num_heads_per_head_k,num_heads_k", [(16, 1), (128, 1), (256, 1), (64, 3), (64, 200)]
 )
 def test_cuda_metadata_equals_cpu_schedule(lengths_kind, batch, num_heads_per_head_k, num_heads_k):
     """The CUDA metadata kernel must give build_schedule's values exactly (csrc/schedule.h), here the
     CPU's for the same worker count: random lengths (empty, short, up to 72000 tokens) and equal ones
-    (the grid's fixed rows), 1 to 132 workers, 1 to 4097 sequences: up to 4096 the walk kernel runs
-    (mla_cuda.cu schedule_walk_kernel; its register window slides 128 times at 4096), at 4097 the
-    sequential one. It holds any rewrite of the kernel to build_schedule's values."""
+    (the grid's fixed rows), 1 to 132 workers, 1 to 40000 sequences: the walk kernel (mla_cuda.cu
+    schedule_walk_kernel; its register window slides 625 times at 20000) wherever its lengths and cost line
+    fit in shared memory (walk_fits: up to about 28,000 sequences on an H100 or H200), the sequential one
+    at 40000. It holds any rewrite of the kernel to build_schedule's values."""
     gen = torch.Generator().manual_seed(seed_for("cuda-metadata", lengths_kind, batch, num_heads_per_head_k))
     if lengths_kind == "equal":
         lens = torch.full((batch,), 64 * int(torch.randint(1, 128, (1,), generator=gen)), dtype=torch.int32)

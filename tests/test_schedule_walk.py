@@ -1,6 +1,6 @@
 """The schedule's walk (csrc/schedule.h schedule_walk_advance / schedule_row, what the CUDA metadata kernel
 runs) against the sequential build_schedule (what the CPU runs), without a GPU: tests/cpp/schedule_walk_check.cpp
-built with the host compiler and run on random inputs (batch 0-4096, 1-1024 workers, both fixed costs, empty,
+built with the host compiler and run on random inputs (batch 0-30000, 1-1024 workers, both fixed costs, empty,
 tiny, equal and near-INT_MAX lengths; 64-bit positions, and 32-bit ones where the kernel uses them). The kernel's
 own boundary search (a ballot over a register window) is checked on the GPU by tests/test_cuda.py."""
 

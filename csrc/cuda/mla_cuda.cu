@@ -48,18 +48,30 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
 }
 
 // Two kernels build build_schedule's values (csrc/schedule.h), both one block:
-//  - schedule_walk_kernel (batch <= kWalkMaxBatch, num_sm_parts <= kWalkMaxParts): the block stages the
-//    lengths and builds the cost line by a scan; warp 0 walks the workers (schedule_walk_advance), each step
-//    a 32-lane ballot over a window of the line in registers instead of a loop over sequences; then every
-//    thread builds rows (schedule_row) and num_splits. The only sequential part is one short step per worker.
-//  - build_schedule_kernel (larger batches, and a cost line past INT_MAX / 2 blocks): one thread runs the
-//    sequential build_schedule over lengths staged in shared memory, or read from global memory when
-//    too many to stage.
+//  - schedule_walk_kernel (where walk_fits): the block stages the lengths and builds the cost line by a
+//    scan in dynamic shared memory (walk_smem_bytes); warp 0 walks the workers (schedule_walk_advance), each
+//    step a 32-lane ballot over a window of the line in registers instead of a loop over sequences; then
+//    every thread builds rows (schedule_row) and num_splits. The only sequential part is one short step per
+//    worker.
+//  - build_schedule_kernel (batches whose line does not fit in shared memory, and a cost line past
+//    INT_MAX / 2 blocks): one thread runs the sequential build_schedule over lengths staged in shared
+//    memory, or read from global memory when too many to stage.
 constexpr int kScheduleThreads = 256;
 constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
-constexpr int kWalkMaxBatch = 4096;
-constexpr int kWalkMaxParts = 1024;
-static_assert(kWalkMaxBatch < (1 << 16) && kWalkMaxParts < (1 << 15), "the walk packs j | split << 16");
+// The walk packs a state's sequence and split as j | split << 16 (j <= batch, split < num_sm_parts).
+constexpr int kWalkMaxBatch = (1 << 16) - 1;
+constexpr int kWalkMaxParts = (1 << 15) - 1;
+
+// The walk kernel's dynamic shared memory, in this order: lens[batch], line[batch + 1], then the walk's
+// states state_x, state_js, state_cuts, each [num_sm_parts + 1].
+size_t walk_smem_bytes(int64_t batch, int64_t parts) {
+  return sizeof(int) * size_t(2 * batch + 1 + 3 * (parts + 1));
+}
+
+bool walk_fits(int64_t batch, int64_t parts, int device) {
+  return batch <= kWalkMaxBatch && parts <= kWalkMaxParts &&
+         walk_smem_bytes(batch, parts) <= size_t(device_facts(device).smem_optin) - 1024;  // 1 KiB: the static part
+}
 
 __global__ void __launch_bounds__(kScheduleThreads)
     build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
@@ -78,11 +90,14 @@ __global__ void __launch_bounds__(kScheduleThreads)
     schedule_walk_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
                          int* num_splits) {
   constexpr int kWarps = kScheduleThreads / 32;
-  __shared__ int lens[kWalkMaxBatch];
-  __shared__ int line[kWalkMaxBatch + 1];  // the cost line; held in 32 bits when its end fits
+  extern __shared__ int walk_smem[];  // walk_smem_bytes
+  int* const lens = walk_smem;
+  int* const line = lens + batch;  // the cost line, [batch + 1]; held in 32 bits when its end fits
   // The walk's state before worker p (p = num_sm_parts: after the last): x, j | split << 16, and how many
   // of the states 1..p lie inside a sequence (split > 0).
-  __shared__ int state_x[kWalkMaxParts + 1], state_js[kWalkMaxParts + 1], state_cuts[kWalkMaxParts + 1];
+  int* const state_x = line + batch + 1;
+  int* const state_js = state_x + num_sm_parts + 1;
+  int* const state_cuts = state_js + num_sm_parts + 1;
   __shared__ long long warp_sums[kWarps];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int fixed_cost = fixed_cost_blocks(rows_per_head_k);
@@ -196,10 +211,18 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
   auto lens = cache_seqlens.contiguous();
   auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
   auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
-  const bool walk = batch <= kWalkMaxBatch && parts <= kWalkMaxParts;
-  (walk ? schedule_walk_kernel : build_schedule_kernel)<<<1, kScheduleThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      lens.data_ptr<int>(), int(batch), int(parts), num_heads_per_head_k, metadata.data_ptr<int>(),
-      num_splits.data_ptr<int>());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (walk_fits(batch, parts, cache_seqlens.get_device())) {
+    const size_t smem = walk_smem_bytes(batch, parts);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(schedule_walk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    schedule_walk_kernel<<<1, kScheduleThreads, smem, stream>>>(lens.data_ptr<int>(), int(batch), int(parts),
+                                                                num_heads_per_head_k, metadata.data_ptr<int>(),
+                                                                num_splits.data_ptr<int>());
+  } else {
+    build_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(lens.data_ptr<int>(), int(batch), int(parts),
+                                                              num_heads_per_head_k, metadata.data_ptr<int>(),
+                                                              num_splits.data_ptr<int>());
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {metadata, num_splits};
 }
