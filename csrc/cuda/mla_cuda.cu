@@ -49,10 +49,10 @@ int64_t cuda_num_sm_parts(int device, int64_t num_heads_per_head_k, int64_t num_
 
 // Two kernels build build_schedule's values (csrc/schedule.h), both one block:
 //  - schedule_walk_kernel (where walk_fits): the block stages the lengths and builds the cost line by a
-//    scan in dynamic shared memory (walk_smem_bytes); warp 0 walks the workers (schedule_walk_advance), each
-//    step a 32-lane ballot over a window of the line in registers instead of a loop over sequences; then
-//    every thread builds rows (schedule_row) and num_splits. The only sequential part is one short step per
-//    worker.
+//    scan in shared memory (static arrays where walk_is_static, else dynamic: walk_smem_bytes); warp 0
+//    walks the workers (schedule_walk_advance), each step a 32-lane ballot over a window of the line in
+//    registers instead of a loop over sequences; then every thread builds rows (schedule_row) and
+//    num_splits. The only sequential part is one short step per worker.
 //  - build_schedule_kernel (batches whose line does not fit in shared memory, and a cost line past
 //    INT_MAX / 2 blocks): one thread runs the sequential build_schedule over lengths staged in shared
 //    memory, or read from global memory when too many to stage.
@@ -61,9 +61,14 @@ constexpr int kMaxStagedBatch = 12 * 1024;  // 48 KiB of static shared memory
 // The walk packs a state's sequence and split as j | split << 16 (j <= batch, split < num_sm_parts).
 constexpr int kWalkMaxBatch = (1 << 16) - 1;
 constexpr int kWalkMaxParts = (1 << 15) - 1;
+// Up to these sizes the walk's arrays are static shared memory at constant addresses (the instance
+// measured in the eighteenth session); larger ones use dynamic shared memory, which measured 3-6% slower
+// at these sizes (docs/KERNEL_NOTES.md, "The walk, shipped").
+constexpr int kWalkStaticBatch = 4096;
+constexpr int kWalkStaticParts = 1024;
 
-// The walk kernel's dynamic shared memory, in this order: lens[batch], line[batch + 1], then the walk's
-// states state_x, state_js, state_cuts, each [num_sm_parts + 1].
+// The walk kernel's arrays, in this order: lens[batch], line[batch + 1], then the walk's states state_x,
+// state_js, state_cuts, each [num_sm_parts + 1]; the sizes of the dynamic layout, in bytes.
 size_t walk_smem_bytes(int64_t batch, int64_t parts) {
   return sizeof(int) * size_t(2 * batch + 1 + 3 * (parts + 1));
 }
@@ -72,6 +77,8 @@ bool walk_fits(int64_t batch, int64_t parts, int device) {
   return batch <= kWalkMaxBatch && parts <= kWalkMaxParts &&
          walk_smem_bytes(batch, parts) <= size_t(device_facts(device).smem_optin) - 1024;  // 1 KiB: the static part
 }
+
+bool walk_is_static(int64_t batch, int64_t parts) { return batch <= kWalkStaticBatch && parts <= kWalkStaticParts; }
 
 __global__ void __launch_bounds__(kScheduleThreads)
     build_schedule_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
@@ -86,18 +93,26 @@ __global__ void __launch_bounds__(kScheduleThreads)
     build_schedule(stage ? staged : seqlens, batch, num_sm_parts, rows_per_head_k, metadata, num_splits);
 }
 
+template <bool kStatic>  // walk_is_static: arrays at constant addresses; else dynamic shared memory (walk_smem_bytes)
 __global__ void __launch_bounds__(kScheduleThreads)
     schedule_walk_kernel(const int* seqlens, int batch, int num_sm_parts, long long rows_per_head_k, int* metadata,
                          int* num_splits) {
   constexpr int kWarps = kScheduleThreads / 32;
-  extern __shared__ int walk_smem[];  // walk_smem_bytes
-  int* const lens = walk_smem;
-  int* const line = lens + batch;  // the cost line, [batch + 1]; held in 32 bits when its end fits
-  // The walk's state before worker p (p = num_sm_parts: after the last): x, j | split << 16, and how many
-  // of the states 1..p lie inside a sequence (split > 0).
-  int* const state_x = line + batch + 1;
-  int* const state_js = state_x + num_sm_parts + 1;
-  int* const state_cuts = state_js + num_sm_parts + 1;
+  constexpr int kBatch = kStatic ? kWalkStaticBatch : 1, kParts = kStatic ? kWalkStaticParts : 1;
+  __shared__ int static_lens[kBatch], static_line[kBatch + 1];
+  __shared__ int static_x[kParts + 1], static_js[kParts + 1], static_cuts[kParts + 1];
+  int *lens = static_lens, *line = static_line, *state_x = static_x, *state_js = static_js, *state_cuts = static_cuts;
+  if constexpr (!kStatic) {
+    extern __shared__ int walk_smem[];
+    lens = walk_smem;
+    line = lens + batch;
+    state_x = line + batch + 1;
+    state_js = state_x + num_sm_parts + 1;
+    state_cuts = state_js + num_sm_parts + 1;
+  }
+  // line: the cost line, [batch + 1], held in 32 bits when its end fits. The walk's state before worker p
+  // (p = num_sm_parts: after the last): state_x, state_js = j | split << 16, and state_cuts = how many of the
+  // states 1..p lie inside a sequence (split > 0).
   __shared__ long long warp_sums[kWarps];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int fixed_cost = fixed_cost_blocks(rows_per_head_k);
@@ -212,12 +227,16 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
   auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
   auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (walk_fits(batch, parts, cache_seqlens.get_device())) {
+  if (walk_is_static(batch, parts)) {
+    schedule_walk_kernel<true><<<1, kScheduleThreads, 0, stream>>>(lens.data_ptr<int>(), int(batch), int(parts),
+                                                                   num_heads_per_head_k, metadata.data_ptr<int>(),
+                                                                   num_splits.data_ptr<int>());
+  } else if (walk_fits(batch, parts, cache_seqlens.get_device())) {
     const size_t smem = walk_smem_bytes(batch, parts);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(schedule_walk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    schedule_walk_kernel<<<1, kScheduleThreads, smem, stream>>>(lens.data_ptr<int>(), int(batch), int(parts),
-                                                                num_heads_per_head_k, metadata.data_ptr<int>(),
-                                                                num_splits.data_ptr<int>());
+    auto kernel = schedule_walk_kernel<false>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<1, kScheduleThreads, smem, stream>>>(lens.data_ptr<int>(), int(batch), int(parts), num_heads_per_head_k,
+                                                  metadata.data_ptr<int>(), num_splits.data_ptr<int>());
   } else {
     build_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(lens.data_ptr<int>(), int(batch), int(parts),
                                                               num_heads_per_head_k, metadata.data_ptr<int>(),
