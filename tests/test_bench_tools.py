@@ -117,8 +117,8 @@ def test_row_groups():
 
 def test_query_row_rows_and_their_table():
     """--rows qrows: 16-256 query rows per KV head (96 and 192 two ways), unique labels, not in "all" (the
-    grid's shapes among them keep their anchors); the table beside the main one sets each time against the 64-row row's and calls a time ratio above
-    the rows' ratio a cliff ("no")."""
+    grid's shapes among them keep their anchors); the table beside the main one sets each time against the
+    64-row row's and calls a time ratio above the rows' ratio a cliff ("no")."""
     rows = bench_decode.select_rows("qrows", False, 128)
     counts = sorted(r.h_q * r.s_q for r in rows)
     assert counts[0] == 16 and counts[-1] == 256 and counts.count(96) == 2 and counts.count(192) == 2

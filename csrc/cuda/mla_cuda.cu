@@ -226,21 +226,20 @@ std::tuple<at::Tensor, at::Tensor> get_mla_metadata_cuda(const at::Tensor& cache
   auto lens = cache_seqlens.contiguous();
   auto metadata = at::empty({parts, kMetadataWidth}, cache_seqlens.options());
   auto num_splits = at::empty({batch + 1}, cache_seqlens.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto launch = [&](auto kernel, size_t smem) {  // one block; every kernel takes the same arguments
+    kernel<<<1, kScheduleThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        lens.data_ptr<int>(), int(batch), int(parts), num_heads_per_head_k, metadata.data_ptr<int>(),
+        num_splits.data_ptr<int>());
+  };
   if (walk_is_static(batch, parts)) {
-    schedule_walk_kernel<true><<<1, kScheduleThreads, 0, stream>>>(lens.data_ptr<int>(), int(batch), int(parts),
-                                                                   num_heads_per_head_k, metadata.data_ptr<int>(),
-                                                                   num_splits.data_ptr<int>());
+    launch(schedule_walk_kernel<true>, 0);
   } else if (walk_fits(batch, parts, cache_seqlens.get_device())) {
     const size_t smem = walk_smem_bytes(batch, parts);
-    auto kernel = schedule_walk_kernel<false>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<1, kScheduleThreads, smem, stream>>>(lens.data_ptr<int>(), int(batch), int(parts), num_heads_per_head_k,
-                                                  metadata.data_ptr<int>(), num_splits.data_ptr<int>());
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(schedule_walk_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    launch(schedule_walk_kernel<false>, smem);
   } else {
-    build_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(lens.data_ptr<int>(), int(batch), int(parts),
-                                                              num_heads_per_head_k, metadata.data_ptr<int>(),
-                                                              num_splits.data_ptr<int>());
+    launch(build_schedule_kernel, 0);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {metadata, num_splits};
