@@ -112,9 +112,10 @@ if has ab; then
   grep "^|" "$OUT/ab.log"
 fi
 if has sched; then
-  # The schedule's fixed cost per piece against attention time (scripts/sched_sweep.py).
-  for kernel in auto portable; do
-    $PY scripts/sched_sweep.py --kernel $kernel --out "$OUT/sched" > "$OUT/sched_$kernel.log" 2>&1
+  # The schedule's fixed cost per piece and cut tolerance against attention time (scripts/sched_sweep.py).
+  for kernel in ${SCHED_KERNELS:-auto portable}; do
+    $PY scripts/sched_sweep.py --kernel $kernel ${SCHED_VARIANTS:+--variants "$SCHED_VARIANTS"} \
+      --rows "${SCHED_ROWS:-all}" --out "$OUT/sched" > "$OUT/sched_$kernel.log" 2>&1
     note "sched $kernel rc=$? $(elapsed)"
     grep "^|" "$OUT/sched_$kernel.log"
   done
