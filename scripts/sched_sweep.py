@@ -32,7 +32,9 @@ def library_knobs(rows: int):
 
 BLOCK_N = 64  # csrc/schedule.h kSchedBlockN
 # (h_q, s_q, s_k, varlen): FlashMLA's compute-bound grid rows, and its varlen memory-bound ones plus one fixed.
-COMPUTE_ROWS = [(h, s, s_k, v) for s_k in (4096, 8192) for h, s in ((64, 2), (128, 1), (128, 2)) for v in (False, True)]
+COMPUTE_ROWS = [
+    (h, s, s_k, v) for s_k in (4096, 8192) for h, s in ((64, 2), (128, 1), (128, 2)) for v in (False, True)
+]
 MEMORY_ROWS = [(16, 1, 4096, True), (16, 1, 4096, False), (64, 1, 4096, True), (32, 2, 4096, True),
                (16, 1, 8192, True), (32, 2, 8192, True), (64, 1, 8192, True)]  # fmt: skip
 
@@ -95,7 +97,9 @@ def main():
         lib_md, lib_splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens, s_q * h_q, 1)
         parts = lib_md.shape[0]
         md, splits = schedule(seqlens, parts, *library_knobs(s_q * h_q))
-        assert lib_md.cpu().tolist() == md and lib_splits.cpu().tolist() == splits, "Python schedule != library's"
+        assert lib_md.cpu().tolist() == md and lib_splits.cpu().tolist() == splits, (
+            "Python schedule != library's"
+        )
         steps = {}
         for fixed, tol in variants:
             md, splits = schedule(seqlens, parts, fixed, tol)

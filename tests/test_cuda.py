@@ -147,6 +147,52 @@ def test_many_sequences(dtype):
     check_against_reference(inp, out, lse)
 
 
+@DTYPES
+@pytest.mark.parametrize("num_heads_q", [128, 16])
+def test_combine_grid_by_worker_and_by_sequence(dtype, num_heads_q):
+    """More sequences than workers, most of them cut: the combine kernel's grid then runs over the workers
+    (csrc/cuda/combine.cu combine_by_worker), each merging the sequence whose split 1 it holds. The same
+    inputs with metadata of 300 workers (more than the batch: the grid over the sequences) and of 7 agree
+    with the float64 reference; stale metadata (built for other lengths) stays in bounds."""
+    batch = 150
+    gen = torch.Generator().manual_seed(seed_for("combine-grid", dtype, num_heads_q))
+    lengths = torch.randint(1, 1500, (batch,), generator=gen)
+    lengths[torch.rand(batch, generator=gen) < 0.1] = 0
+    inp = make_decode_inputs(
+        batch=batch,
+        seq_len_q=1,
+        num_heads_q=num_heads_q,
+        dtype=dtype,
+        device=DEVICE,
+        lengths=lengths.tolist(),
+        max_seqlen=1500,
+        seed=seed_for("combine-grid-inputs", dtype, num_heads_q),
+    )
+    ref = inp.reference()
+    ref_low = inp.reference(compute_dtype=None)
+    md, splits = inp.metadata()
+    assert md.shape[0] < batch  # the grid over the workers
+    assert (splits[1:] - splits[:-1] > 1).sum().item() >= md.shape[0] // 2  # most workers cut a sequence
+    out, lse = inp.run((md, splits))
+    check_against_reference(inp, out, lse, ref=ref, ref_low=ref_low)
+    for parts in (300, 7):
+        with num_threads(parts):
+            md_p, splits_p = flashmla_ops.get_mla_metadata(
+                inp.cache_seqlens.cpu(), inp.num_heads_per_head_k, inp.num_heads_k
+            )
+        out_p, lse_p = inp.run((md_p.to(DEVICE), splits_p.to(DEVICE)))
+        check_against_reference(inp, out_p, lse_p, ref=ref, ref_low=ref_low)
+    stale = flashmla_ops.get_mla_metadata(
+        torch.full((batch,), 1400, dtype=torch.int32, device=DEVICE),
+        inp.num_heads_per_head_k,
+        inp.num_heads_k,
+    )
+    inp.run(stale)
+    torch.cuda.synchronize()
+    out2, lse2 = inp.run((md, splits))
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+
+
 # ----------------------------------------------------------------------------------------------
 # Metadata: CUDA's own, and other worker counts
 # ----------------------------------------------------------------------------------------------

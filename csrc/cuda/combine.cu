@@ -3,10 +3,15 @@
 // Rows where every piece saw nothing (all lse_k = -inf) get out = 0, lse = +inf.
 // One warp per (sequence, KV head, query row); sequences of one piece were written by the decode
 // kernel directly and are skipped. Each piece's weight exp(lse_k - lse) is computed once.
+// The grid's y runs over the sequences, or, when there are more sequences than workers, over the workers:
+// each cut sequence has exactly one piece with split number 1, and it is the first piece of some worker
+// q >= 1 (csrc/schedule.h: only a worker's first piece can have split > 0), so worker q merges sequence
+// md[q].begin_batch when md[q].begin_split == 1. That grid has no block for the uncut sequences.
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../schedule.h"
 #include "combine.h"
 #include "dtype.cuh"
 #include "l2_policy.cuh"
@@ -17,20 +22,52 @@ namespace {
 
 constexpr int kRowsPerBlock = 8;
 
+// Whether the grid's y runs over the workers rather than the sequences (see the top of this file).
+__host__ __device__ inline bool combine_by_worker(const DecodeParams& p) { return p.batch > p.num_sm_parts; }
+
 template <typename T>
 __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const DecodeParams p) {
-  const int b = blockIdx.z, hk = blockIdx.y;
+  const int hk = blockIdx.z;
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= p.rows_per_head_k) return;
+  // The metadata and num_splits are inputs of the decode grid, complete before it started, so they are read
+  // before the wait: only the partial results need it.
+  int b = blockIdx.y;
+  if (combine_by_worker(p)) {
+    const int* md = p.metadata + blockIdx.y * kMetadataWidth;
+    b = blockIdx.y > 0 && md[4] == 1 ? md[0] : -1;
+  }
+  const bool active = row < p.rows_per_head_k && b >= 0 && b < p.batch;
+  b = active ? b : 0;
   // Clamped so that metadata built for other lengths can never index outside the buffers.
   const int first = min(max(p.num_splits[b], 0), p.partial_rows);
-  const int count = min(p.num_splits[b + 1] - p.num_splits[b], p.partial_rows - first);
+  const int count = active ? min(p.num_splits[b + 1] - p.num_splits[b], p.partial_rows - first) : 0;
   // Every block waits for the decode grid (its partial results complete and visible), even one with
   // nothing to merge: the combine grid then never finishes before the decode grid, so work queued
   // after it on the stream is ordered after the decode too.
   pdl_wait_primary();
   if (count <= 1) return;
+  const float* piece0 =
+      p.partial_out + ((int64_t(first) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v;
+  const int64_t piece_stride = int64_t(p.num_heads_k) * p.rows_per_head_k * p.head_dim_v;
+  // The float4 path: each lane owns channels 4 lane + 128 i of a 512-channel pass (16-byte aligned since
+  // head_dim_v % 4 == 0). Pieces 0 and 1 of the first pass (a merged sequence has at least two) are loaded
+  // here, before the weights are known, so those loads overlap the LSE loads and reductions below.
+  constexpr int kVecs = 4;
+  const bool vec4 = p.head_dim_v % 4 == 0;
+  auto load_pass = [&](int k, int c0, float4(&v)[kVecs]) {
+    const float* src = piece0 + k * piece_stride;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int c = c0 + 128 * i + 4 * lane;
+      v[i] = c < p.head_dim_v ? *reinterpret_cast<const float4*>(src + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  float4 piece0_pass0[kVecs], piece1_pass0[kVecs];
+  if (vec4) {
+    load_pass(0, 0, piece0_pass0);
+    load_pass(1, 0, piece1_pass0);
+  }
   auto lse_of = [&](int k) {
     return p.partial_lse[(int64_t(first + k) * p.num_heads_k + hk) * p.rows_per_head_k + row];
   };
@@ -56,34 +93,32 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
   auto weight = [&](int k) {
     return k < 32 ? __shfl_sync(0xffffffff, my_weight, k) : expf(lse_of(k) - max_lse) * inv_sum;
   };
-  const float* piece0 =
-      p.partial_out + ((int64_t(first) * p.num_heads_k + hk) * p.rows_per_head_k + row) * p.head_dim_v;
-  const int64_t piece_stride = int64_t(p.num_heads_k) * p.rows_per_head_k * p.head_dim_v;
   // partials_in_l2 (l2_policy.cuh): rows of whole 128-byte lines, each read by this warp only.
   const bool discard = p.partials_in_l2 && p.head_dim_v % 32 == 0;
-  if (p.head_dim_v % 4 == 0) {
-    // Each lane owns channels 4 lane + 128 i (float4 loads, 16-byte aligned since head_dim_v % 4 == 0);
-    // the pieces are the outer loop, so a lane's kVecs loads of one piece are independent.
-    constexpr int kVecs = 4;  // 512 channels per pass
+  if (vec4) {
+    // The pieces are the outer loop, so a lane's kVecs loads of one piece are independent.
+    auto accumulate = [&](float w, const float4(&v)[kVecs], float4(&acc)[kVecs]) {
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        acc[i].x += w * v[i].x, acc[i].y += w * v[i].y, acc[i].z += w * v[i].z, acc[i].w += w * v[i].w;
+      }
+    };
+    // Pass 0 starts from pieces 0 and 1, loaded above (their registers are free before the loop).
+    float4 acc[kVecs];
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    accumulate(weight(0), piece0_pass0, acc);
+    accumulate(weight(1), piece1_pass0, acc);
     for (int c0 = 0; c0 < p.head_dim_v; c0 += 128 * kVecs) {
-      float4 acc[kVecs];
+      if (c0 > 0) {
 #pragma unroll
-      for (int i = 0; i < kVecs; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 2
-      for (int k = 0; k < count; ++k) {
-        const float w = weight(k);
-        const float* src = piece0 + k * piece_stride;
-#pragma unroll
-        for (int i = 0; i < kVecs; ++i) {
-          const int c = c0 + 128 * i + 4 * lane;
-          if (c < p.head_dim_v) {
-            const float4 v = *reinterpret_cast<const float4*>(src + c);
-            acc[i].x += w * v.x;
-            acc[i].y += w * v.y;
-            acc[i].z += w * v.z;
-            acc[i].w += w * v.w;
-          }
-        }
+        for (int i = 0; i < kVecs; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll 1
+      for (int k = c0 == 0 ? 2 : 0; k < count; ++k) {
+        float4 v[kVecs];
+        load_pass(k, c0, v);
+        accumulate(weight(k), v, acc);
       }
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
@@ -127,7 +162,12 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
 
 void launch_combine(const DecodeParams& p, bool is_bf16, bool programmatic, cudaStream_t stream) {
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3((p.rows_per_head_k + kRowsPerBlock - 1) / kRowsPerBlock, p.num_heads_k, p.batch);
+  // y: min(batch, num_sm_parts) units, within the 65535 of a grid's y unless both are larger.
+  const int units = combine_by_worker(p) ? p.num_sm_parts : p.batch;
+  TORCH_CHECK(units <= 65535, "flash_mla_with_kvcache: batch (", p.batch,
+              ") and tile_scheduler_metadata's num_sm_parts (", p.num_sm_parts,
+              ") are both above 65535, more than the CUDA combine kernel's grid holds");
+  config.gridDim = dim3((p.rows_per_head_k + kRowsPerBlock - 1) / kRowsPerBlock, units, p.num_heads_k);
   config.blockDim = dim3(kRowsPerBlock * 32);
   config.stream = stream;
   cudaLaunchAttribute attr{};
