@@ -124,9 +124,12 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) combine_kernel(const Decod
       for (int i = 0; i < kVecs; ++i) {
         const int c = c0 + 128 * i + 4 * lane;
         if (c < p.head_dim_v) {
-          auto* d2 = reinterpret_cast<typename Dtype<T>::pair*>(dst + c);
-          d2[0] = Dtype<T>::make_pair(acc[i].x, acc[i].y);
-          d2[1] = Dtype<T>::make_pair(acc[i].z, acc[i].w);
+          // One 8-byte store per lane (out rows are 8-byte aligned: contiguous, head_dim_v % 4 == 0), so a
+          // warp's stores fill whole 32-byte sectors.
+          const typename Dtype<T>::pair lo = Dtype<T>::make_pair(acc[i].x, acc[i].y);
+          const typename Dtype<T>::pair hi = Dtype<T>::make_pair(acc[i].z, acc[i].w);
+          *reinterpret_cast<uint2*>(dst + c) =
+              make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
         }
       }
       if (discard) {
