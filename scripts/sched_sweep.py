@@ -1,12 +1,12 @@
 """Schedule experiment (GPU machine): how the split-KV schedule's two knobs change the attention time.
 
-csrc/schedule.h charges each (sequence, worker) piece fixed_cost_blocks(rows) extra blocks of work, and lets
-a worker finish a sequence that overruns its budget by at most cut_tolerance_blocks(rows) blocks rather than
-cut it. This script rebuilds that schedule in Python for other (fixed cost, tolerance) pairs, passes the
-metadata to flash_mla_with_kvcache (the kernels accept any schedule of the right shape), checks the outputs
-against the fp32 reference and times the attention (CUDA-graph replay, median), the variants of a row
-interleaved over several rounds. The library's own metadata must equal the Python schedule at the library's
-knobs (checked first).
+csrc/schedule.h charges each (sequence, worker) piece fixed_cost_blocks(rows) extra blocks of work. The second
+knob is an experiment's (the library has none, i.e. 0): a cut tolerance lets a worker finish a sequence that
+overruns its budget by at most that many blocks rather than cut it. This script rebuilds the schedule in Python
+for (fixed cost, tolerance) pairs, passes the metadata to flash_mla_with_kvcache (the kernels accept any
+schedule of the right shape), checks the outputs against the fp32 reference and times the attention (CUDA-graph
+replay, median), the variants of a row interleaved over several rounds. The library's own metadata must equal
+the Python schedule at the library's knobs (checked first; tests/test_bench_tools.py checks it on the CPU).
 
 python scripts/sched_sweep.py [--kernel auto|portable] [--variants 5:0,3:0,3:3] [--rows compute|memory|all]
                               [--rounds 3] --out out/sched
@@ -26,7 +26,7 @@ import common as C
 
 
 def library_knobs(rows: int):
-    """csrc/schedule.h fixed_cost_blocks and cut_tolerance_blocks."""
+    """The library's (fixed cost, tolerance): csrc/schedule.h fixed_cost_blocks, and no tolerance."""
     return (3, 0) if rows <= 64 else (5, 0)
 
 
@@ -40,7 +40,7 @@ MEMORY_ROWS = [(16, 1, 4096, True), (16, 1, 4096, False), (64, 1, 4096, True), (
 
 
 def schedule(lens, parts, fixed, tolerance=0):
-    """csrc/schedule.h build_schedule with its two knobs as parameters."""
+    """csrc/schedule.h build_schedule with the fixed cost as a parameter, plus the experiment's tolerance."""
     blocks = [(n + BLOCK_N - 1) // BLOCK_N if n > 0 else 0 for n in lens]
     total = sum(b + fixed for b in blocks)
     payload = -(-total // parts) + fixed

@@ -179,3 +179,30 @@ def test_ab_build_compare(tmp_path):
     assert table.endswith("max 1.089x")
     step = ab_build_compare.rounds_of(tmp_path, "tree", "step_us")  # the whole step's times
     assert [r["a"] for r in step] == [130.0, 132.0, 131.0]
+
+
+def test_sched_sweep_schedule_is_the_librarys():
+    """scripts/sched_sweep.py rebuilds csrc/schedule.h's schedule in Python: at the library's knobs it equals
+    get_mla_metadata's (CPU, several worker counts), and its cut tolerance keeps whole a sequence that overruns
+    a worker's budget by at most that many blocks (128 sequences of 4096 tokens over 66 workers, fixed cost 3:
+    each second sequence overruns by 1 block)."""
+    import torch
+
+    import flashmla_ops
+    from tests.helpers import num_threads
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import sched_sweep
+
+    for rows in (16, 64, 128):
+        for varlen in (False, True):
+            lens = common.make_seqlens(128, 4096, 1, varlen)
+            for parts in (1, 7, 66, 132):
+                with num_threads(parts):
+                    md, splits = flashmla_ops.get_mla_metadata(torch.tensor(lens, dtype=torch.int32), rows, 1)
+                assert md.shape[0] == parts
+                want = sched_sweep.schedule(lens, parts, *sched_sweep.library_knobs(rows))
+                assert (md.tolist(), splits.tolist()) == want, (rows, varlen, parts)
+    fixed = [4096] * 128
+    assert sched_sweep.schedule(fixed, 66, 3, 0)[1][-1] == 190  # 62 sequences cut in two
+    assert sched_sweep.schedule(fixed, 66, 3, 1)[1][-1] == 128  # none cut: two whole sequences a worker
